@@ -1,0 +1,269 @@
+"""Recipe schema: every key, its default and its meaning, in one place.
+
+A recipe is a YAML file whose sections mirror the dataclasses below; `key.sub=value` arguments on
+the command line override it. Loading validates everything up front, so a typo stops the run with
+one line instead of failing an hour in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot be used; the message is one line naming file and key."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "distilbert-base-uncased"  # hub name, local folder, or package://pkg/path
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    trust_remote_code: bool = False  # run code shipped with a hub model; off unless asked for
+    attn_implementation: Optional[str] = "sdpa"  # sdpa | eager | None (transformers' default)
+
+
+@dataclass
+class DataConfig:
+    source: str = "imdb"  # hub dataset name, local file or folder, or package://pkg/path
+    train_split: str = "train"
+    eval_split: Optional[str] = "test"  # None with holdout_size > 0: carve eval from train
+    text_column: str = "text"
+    label_column: str = "label"
+    label_names: Optional[list[str]] = None  # class order for string labels (default: sorted)
+    where: dict[str, Any] = field(default_factory=dict)  # keep rows whose column equals value
+    encoding: str = "utf-8"  # of csv/tsv/jsonl/txt files (Financial PhraseBank is latin-1)
+    max_length: int = 512  # tokens; longer texts are truncated
+    train_size: Optional[int] = None  # seeded, stratified subset of the train split
+    eval_size: Optional[int] = None  # seeded, stratified subset of the eval split
+    holdout_size: int = 0  # examples held out of train (seeded, stratified) to evaluate on
+    cache_dir: Optional[str] = None  # tokenized cache (default ~/.cache/sentiment-engine)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 2.0
+    max_steps: int = 0  # optimizer steps; > 0 stops there (and sizes the schedule)
+    batch_size: int = 16  # per process, per micro-step
+    eval_batch_size: int = 64  # per process
+    grad_accum: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; weights stay fp32
+    group_by_length: bool = True  # batches of similar lengths: less padding
+    eval_every: int = 0  # steps; 0 = only at each epoch end
+    keep_best: bool = False  # tuned/ = the best eval-accuracy state instead of the last
+    log_every: int = 10  # steps between logged scalars
+    num_threads: Optional[int] = None  # torch threads per process (default: cores / processes)
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass
+class DistributedConfig:
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    backend: Optional[str] = None  # default: nccl on CUDA, gloo on CPU
+    replicas: int = 1  # fsdp: > 1 = hybrid mesh, shard inside groups of world/replicas, replicate across
+    reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (less memory)
+    cpu_offload: bool = False  # fsdp: keep sharded parameters and optimizer state in host memory
+    timeout_s: int = 600  # a collective that waits longer fails instead of hanging
+
+
+@dataclass
+class PeftConfig:
+    method: Literal["none", "lora", "qlora"] = "none"
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: Optional[list[str]] = None  # default chosen per architecture
+
+
+@dataclass
+class Recipe:
+    output_dir: str = "runs/default"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+
+    def check(self, where: str) -> None:
+        """Cross-key rules that a type alone cannot express."""
+        t, d = self.train, self.data
+        positive = {
+            "train.batch_size": t.batch_size, "train.eval_batch_size": t.eval_batch_size,
+            "train.grad_accum": t.grad_accum, "data.max_length": d.max_length, "train.log_every": t.log_every,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise RecipeError(f"{where}: '{key}' must be >= 1, got {value}")
+        for key, value in {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
+                           "data.holdout_size": d.holdout_size}.items():
+            if value < 0:
+                raise RecipeError(f"{where}: '{key}' must be >= 0, got {value}")
+        if t.epochs <= 0 and t.max_steps == 0:
+            raise RecipeError(f"{where}: 'train.epochs' must be > 0 (or set train.max_steps)")
+        if t.lr <= 0:
+            raise RecipeError(f"{where}: 'train.lr' must be > 0, got {t.lr}")
+        if not 0 <= t.warmup_ratio < 1:
+            raise RecipeError(f"{where}: 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
+        for key, value in {"data.train_size": d.train_size, "data.eval_size": d.eval_size}.items():
+            if value is not None and value < 1:
+                raise RecipeError(f"{where}: '{key}' must be >= 1, got {value}")
+        if d.holdout_size and d.eval_split:
+            raise RecipeError(f"{where}: 'data.holdout_size' carves the eval set from train; "
+                              f"set data.eval_split=null to use it (got eval_split={d.eval_split!r})")
+        if not d.holdout_size and not d.eval_split:
+            raise RecipeError(f"{where}: no eval set: set 'data.eval_split' or 'data.holdout_size'")
+        if self.peft.r < 1:
+            raise RecipeError(f"{where}: 'peft.r' must be >= 1, got {self.peft.r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overriding, validating
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = (), schema: type = Recipe):
+    """YAML file (or defaults when path is None) + `key.sub=value` overrides -> validated dataclass."""
+    where = str(path) if path else "<defaults>"
+    raw: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecipeError(f"{where}: cannot read recipe ({e.__class__.__name__}: {e})") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{where}: not valid YAML ({_one_line(e)})") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{where}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"override '{item}': expected key.sub=value")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        _set_dotted(raw, key.strip(), parsed, f"override '{item}'")
+    return _build(schema, raw, "", where, schema)
+
+
+def to_dict(recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False), encoding="utf-8")
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _set_dotted(raw: dict, key: str, value: Any, where: str) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"{where}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _keys(schema: type, prefix: str = "") -> list[str]:
+    out = []
+    for name, tp in typing.get_type_hints(schema).items():
+        out.append(prefix + name)
+        if dataclasses.is_dataclass(tp):
+            out += _keys(tp, prefix + name + ".")
+    return out
+
+
+def _build(schema: type, raw: dict, prefix: str, where: str, root: type):
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = prefix + str(key)
+        if key not in fields:
+            # suggestions search the whole recipe, so top-level 'lr' suggests 'train.lr'
+            keys = _keys(root)
+            near = [k for k in keys if k.rsplit(".", 1)[-1] == str(key)]
+            near = near or difflib.get_close_matches(dotted, keys, n=1, cutoff=0.5)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise RecipeError(f"{where}: unknown key '{dotted}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, dotted, where, root)
+    obj = schema(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check(where)
+    return obj
+
+
+def _coerce(tp: Any, value: Any, key: str, where: str, root: type) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, where, root)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: '{key}' must be a section of keys, got {value!r}")
+        return _build(tp, value, key + ".", where, root)
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{where}: '{key}' must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: '{key}' must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]", where, root) for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{where}: '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise RecipeError(f"{where}: '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 2e-5 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RecipeError(f"{where}: '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise RecipeError(f"{where}: '{key}' must be a string, got {value!r}")
+    return value

@@ -1,0 +1,191 @@
+"""Process group, DDP / FSDP2 / hybrid wrapping, gradient-sync control and full-state gathering.
+
+Everything that differs between strategies lives here; the loop asks `Dist` the same questions
+whatever the strategy (am I the main rank, skip gradient sync for this micro-batch, sum this
+tensor over ranks, give me the full weights), so there is one loop for all of them.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from engine.config import DistributedConfig
+
+
+class DistributedSetupError(ValueError):
+    """A launch that cannot work (strategy without ranks, mesh that does not divide); one line."""
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Dist:
+    strategy: str = "none"
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    device: torch.device = torch.device("cpu")
+    cfg: Optional[DistributedConfig] = None
+    mesh: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return tdist.is_available() and tdist.is_initialized()
+
+    # ---- collectives (no-ops on one process) --------------------------------------------
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active and self.world > 1:
+            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        return t
+
+    def all_gather_object(self, obj) -> list:
+        if not (self.active and self.world > 1):
+            return [obj]
+        out = [None] * self.world
+        tdist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        if not (self.active and self.world > 1):
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active and self.world > 1:
+            tdist.barrier()
+
+    # ---- wrapping ------------------------------------------------------------------------
+    def wrap(self, model: nn.Module, precision_dtype: Optional[torch.dtype]) -> nn.Module:
+        """Wrap for the strategy. Build the optimizer after this: FSDP replaces the parameters."""
+        model.to(self.device)
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # find_unused_parameters: LoRA and frozen heads leave some parameters without grads
+            return DDP(model, device_ids=ids, find_unused_parameters=False)
+        if self.strategy == "fsdp":
+            return self._fully_shard(model, precision_dtype)
+        return model
+
+    def _fully_shard(self, model: nn.Module, precision_dtype):
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        kwargs = {"mesh": self.mesh, "reshard_after_forward": self.cfg.reshard_after_forward}
+        if precision_dtype is not None:
+            # compute in low precision, reduce gradients in fp32 so small updates are not lost
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=precision_dtype, reduce_dtype=torch.float32)
+        if self.cfg.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        for block in transformer_blocks(model):
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        return model
+
+    @staticmethod
+    def unwrap(model: nn.Module) -> nn.Module:
+        return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
+
+    @contextlib.contextmanager
+    def grad_sync(self, model: nn.Module, sync: bool):
+        """Skip the gradient all-reduce on accumulation micro-steps that are not the last."""
+        if self.strategy == "ddp" and not sync:
+            with model.no_sync():
+                yield
+        elif self.strategy == "fsdp":
+            model.set_requires_gradient_sync(sync)
+            yield
+        else:
+            yield
+
+    def full_state_dict(self, model: nn.Module) -> dict:
+        """Unsharded fp32 weights on CPU: the full dict on rank 0, {} elsewhere. All ranks call."""
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_model_state_dict(model, options=opts)
+        if not self.is_main:
+            return {}
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.unwrap(model).state_dict().items()}
+
+    def close(self) -> None:
+        if self.active:
+            tdist.destroy_process_group()
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one, found without a per-architecture list.
+
+    First the classes the model itself declares unsplittable (`_no_split_modules`, set by
+    transformers for most architectures); else the children of the longest ModuleList of
+    same-type modules (DistilBERT's `transformer.layer`).
+    """
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    if blocks:
+        return blocks
+    best: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > len(best) and len({type(c) for c in m}) == 1:
+            best = list(m)
+    return best
+
+
+def init(cfg: DistributedConfig, num_threads: Optional[int] = None) -> Dist:
+    """Join torchrun's process group (or a one-process group when a strategy runs without it)."""
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.strategy == "none" and env_world > 1:
+        raise DistributedSetupError(
+            f"torchrun started {env_world} processes but distributed.strategy=none; "
+            f"set distributed.strategy=ddp or fsdp")
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        # torchrun pins OMP_NUM_THREADS=1; we decide instead: share the cores among local ranks
+        torch.set_num_threads(num_threads or max(1, usable_cores() // local_world))
+    d = Dist(cfg.strategy, rank, env_world, local_rank, local_world, device, cfg)
+    if cfg.strategy == "none":
+        return d
+    if cfg.replicas < 1 or env_world % cfg.replicas:
+        raise DistributedSetupError(
+            f"distributed.replicas={cfg.replicas} does not divide the {env_world} processes")
+    backend = cfg.backend or ("nccl" if cuda else "gloo")
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    if "WORLD_SIZE" in os.environ:
+        tdist.init_process_group(backend, timeout=timeout, device_id=device if cuda else None)
+    else:  # `python launch/train.py distributed.strategy=ddp`: a group of one, no torchrun needed
+        tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    if cfg.strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if cfg.replicas > 1:  # hybrid: shard inside each group, replicate across groups
+            d.mesh = init_device_mesh(device.type, (cfg.replicas, env_world // cfg.replicas),
+                                      mesh_dim_names=("replicate", "shard"))
+        else:
+            d.mesh = init_device_mesh(device.type, (env_world,), mesh_dim_names=("shard",))
+    return d

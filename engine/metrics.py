@@ -1,0 +1,95 @@
+"""Classification metrics from logits, and throughput counters. Plain numpy: no sync, no framework."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
+    """|accuracy - confidence| per equal-width confidence bin, weighted by the bin's share."""
+    conf = probs.max(axis=-1)
+    correct = probs.argmax(axis=-1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return float(ece)
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1, confusion matrix, mean loss, ECE."""
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    k = len(label_names)
+    probs = softmax(logits)
+    preds = probs.argmax(axis=-1)
+    confusion = np.zeros((k, k), dtype=np.int64)  # rows: true class, columns: predicted
+    np.add.at(confusion, (labels, preds), 1)
+    tp = np.diag(confusion).astype(np.float64)
+    predicted, actual = confusion.sum(axis=0), confusion.sum(axis=1)
+    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros(k), where=actual > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
+    present = actual > 0  # macro-F1 over the classes the eval set holds
+    nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
+    return {
+        "n": int(len(labels)),
+        "accuracy": float((preds == labels).mean()) if len(labels) else 0.0,
+        "f1": float(f1[present].mean()) if present.any() else 0.0,
+        "loss": float(nll.mean()) if len(labels) else 0.0,
+        "ece": expected_calibration_error(probs, labels) if len(labels) else 0.0,
+        "per_class": {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                   "support": int(actual[i])}
+            for i, name in enumerate(label_names)
+        },
+        "confusion": confusion.tolist(),
+        "labels": list(label_names),
+    }
+
+
+class Throughput:
+    """Counts samples and tokens over training time only (evaluation pauses the clock)."""
+
+    def __init__(self):
+        self.samples = self.real_tokens = self.padded_tokens = 0
+        self.seconds = 0.0
+        self._start = None
+
+    def start(self):
+        self._start = time.perf_counter()
+
+    def pause(self):
+        if self._start is not None:
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+
+    def add(self, samples: int, real_tokens: int, padded_tokens: int):
+        self.samples += samples
+        self.real_tokens += real_tokens
+        self.padded_tokens += padded_tokens
+
+    def elapsed(self) -> float:
+        running = time.perf_counter() - self._start if self._start is not None else 0.0
+        return self.seconds + running
+
+    def summary(self) -> dict:
+        t = max(self.elapsed(), 1e-9)
+        return {
+            "train_seconds": round(self.seconds if self._start is None else self.elapsed(), 3),
+            "samples": self.samples,
+            "samples_per_s": self.samples / t,
+            "real_tokens_per_s": self.real_tokens / t,
+            "padded_tokens_per_s": self.padded_tokens / t,
+            "padding_share": 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0,
+        }

@@ -1,0 +1,69 @@
+"""Load a sequence-classification model and its tokenizer by hub name or local folder."""
+from __future__ import annotations
+
+from typing import Optional
+
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from engine.config import ModelConfig
+from engine.paths import MissingPackageError, resolve
+
+
+class ModelError(ValueError):
+    """A model or tokenizer that cannot be loaded; one line."""
+
+
+def _location(cfg: ModelConfig) -> str:
+    try:
+        return resolve(cfg.name_or_path)
+    except MissingPackageError as e:
+        raise ModelError(str(e)) from None
+
+
+def _load(what: str, fn, cfg: ModelConfig, **kwargs):
+    where = _location(cfg)
+    try:
+        return fn(where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        msg = " ".join(str(e).split())[:300]
+        raise ModelError(f"{cfg.name_or_path}: cannot load {what} ({e.__class__.__name__}: {msg})") from None
+
+
+def load_tokenizer(cfg: ModelConfig):
+    tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, cfg)
+    if tokenizer.pad_token is None:  # decoder LLMs ship without one; the classifier needs it
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, label_names: Optional[list[str]] = None, tokenizer=None):
+    """The pretrained body with a classification head sized for `label_names` (None: as saved).
+
+    A head the checkpoint lacks is initialised from torch's RNG: seed before calling.
+    """
+    kwargs = {}
+    if label_names is not None:
+        kwargs = dict(
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+        )
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    model = _load("model", AutoModelForSequenceClassification.from_pretrained, cfg, **kwargs)
+    if label_names is None and model.config.num_labels < 2:
+        raise ModelError(f"{cfg.name_or_path}: not a classifier (config has {model.config.num_labels} label)")
+    if tokenizer is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def label_names_of(model) -> list[str]:
+    return [model.config.id2label[i] for i in range(model.config.num_labels)]
+
+
+def param_counts(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total_params": total, "trainable_params": trainable,
+            "trainable_share": trainable / total if total else 0.0}

@@ -1,0 +1,43 @@
+"""What every launch script shares: import path, quiet libraries, and exit codes for bad input."""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+# runnable from a checkout without `pip install -e .` (torchrun launch/train.py ...)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# our own loop: keep transformers from printing advice meant for its Trainer
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def quiet_libraries() -> None:
+    """Our progress bar is the one that matters; hide the per-file load/save bars of transformers."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def run_main(main) -> None:
+    """Run `main()`; bad input -> one line on stderr and exit 2; a crash -> traceback and exit 1."""
+    from engine.errors import USER_ERRORS
+
+    rank = os.environ.get("RANK")
+    who = f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    try:
+        quiet_libraries()
+        code = main()
+    except USER_ERRORS as e:
+        print(f"{who}error: {e}", file=sys.stderr, flush=True)
+        os._exit(2)  # skip interpreter teardown: never hang on a half-joined process group
+    except KeyboardInterrupt:
+        print(f"{who}interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
+    except BaseException as e:  # noqa: BLE001 - report which rank died, then die fast
+        traceback.print_exc()
+        print(f"{who}failed: {e.__class__.__name__}: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code or 0)

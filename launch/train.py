@@ -1,0 +1,31 @@
+"""Fine-tune a classifier from a recipe.
+
+    python launch/train.py --recipe recipes/demo_minilm_imdb.yaml [key.sub=value ...]
+    torchrun --nproc_per_node=2 launch/train.py --recipe recipes/X.yaml distributed.strategy=ddp
+"""
+import argparse
+
+import cli
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.lr=3e-5")
+    args = parser.parse_args()
+
+    from engine.config import load_recipe
+    from engine.finetune import finetune, summary_table
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    report = finetune(recipe, overwrite=args.overwrite)
+    if report is not None:
+        print(summary_table(report))
+        print(f"snapshots: {report['base']['path']}  {report['tuned']['path']}; "
+              f"metrics: {recipe.output_dir}/metrics.json")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,91 @@
+"""Tiny models and data built on the spot: no downloads, seconds to train.
+
+`make_model(folder, arch)` writes a randomly initialised classifier of a real architecture with a
+word-level tokenizer; `make_data(folder)` writes a small sentiment set whose words carry the label.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pandas as pd
+
+POSITIVE = "good great wonderful superb loved delightful brilliant enjoyable fine excellent".split()
+NEGATIVE = "bad awful terrible boring hated dreadful poor dull weak horrible".split()
+FILLER = "the movie film plot actor scene story was it a this and very quite really".split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+ARCH = {
+    "bert": dict(model_type="bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=128),
+    "distilbert": dict(model_type="distilbert", dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                       max_position_embeddings=128),
+    "roberta": dict(model_type="roberta", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, max_position_embeddings=130),
+}
+NO_DROPOUT = {
+    "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0),
+    "distilbert": dict(dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0),
+    "roberta": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0),
+}
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + sorted(set(POSITIVE + NEGATIVE + FILLER)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def make_model(folder, arch: str = "bert", num_labels: int = 2, dropout: bool = False, seed: int = 0,
+               id2label: dict | None = None) -> str:
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    tokenizer = make_tokenizer()
+    spec = dict(ARCH[arch])
+    kw = {} if dropout else NO_DROPOUT[arch]
+    if id2label:
+        kw.update(id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tokenizer), num_labels=num_labels,
+                                  pad_token_id=tokenizer.pad_token_id, **spec, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def sentence(rng: random.Random, label: int) -> str:
+    words = POSITIVE if label == 1 else NEGATIVE
+    body = [rng.choice(FILLER) for _ in range(rng.randint(2, 12))] + [rng.choice(words) for _ in range(rng.randint(1, 3))]
+    rng.shuffle(body)
+    return " ".join(body)
+
+
+def make_data(folder, n_train: int = 64, n_test: int = 33, seed: int = 0, fmt: str = "parquet") -> str:
+    """A folder with train/test splits in `fmt` (parquet, csv, tsv, jsonl); labels 0 neg, 1 pos."""
+    rng = random.Random(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = [i % 2 for i in range(n)]
+        frame = pd.DataFrame({"text": [sentence(rng, y) for y in labels], "label": labels})
+        path = folder / f"{split}.{fmt}"
+        if fmt == "parquet":
+            frame.to_parquet(path)
+        elif fmt == "csv":
+            frame.to_csv(path, index=False)
+        elif fmt == "tsv":
+            frame.to_csv(path, index=False, sep="\t")
+        else:
+            frame.to_json(path, orient="records", lines=True)
+    return str(folder)
