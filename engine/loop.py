@@ -80,6 +80,8 @@ def train(model, optimizer, scheduler, data: Tokenized, cfg: TrainConfig, precis
     model.train()
 
     def run_eval() -> None:
+        if result.evals and result.evals[-1]["step"] == step:
+            return  # an epoch end that eval_every already covered
         clock.pause()
         metrics = evaluate()
         record = {"step": step, "epoch": epoch, **metrics}
@@ -129,11 +131,11 @@ def train(model, optimizer, scheduler, data: Tokenized, cfg: TrainConfig, precis
                     "train/tokens_per_s": rate["real_tokens_per_s"] * dist.world,
                     "train/padding_share": rate["padding_share"],
                 })
-                tracker.progress(step - (result.steps or 0), loss=result.final_loss,
+                tracker.progress(step - result.steps, loss=result.final_loss,
                                  samples_s=rate["samples_per_s"] * dist.world)
                 result.steps = step
                 window.zero_()
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < n_steps:
+            if cfg.eval_every and step % cfg.eval_every == 0:
                 run_eval()
         epoch += 1
         run_eval()  # at each epoch end, and at the last step

@@ -15,6 +15,7 @@ class Tracker:
     def __init__(self, out_dir: str | Path, enabled: bool, total_steps: int):
         self.enabled = enabled
         self.tb = self.jsonl = self.bar = None
+        self.done, self.total = 0, total_steps
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -35,10 +36,16 @@ class Tracker:
         self.jsonl.flush()
 
     def progress(self, steps: int, **shown) -> None:
-        if self.enabled and self.bar is not None:
-            self.bar.update(steps)
-            if shown:
-                self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        if not self.enabled:
+            return
+        self.bar.update(steps)
+        self.done += steps
+        text = {k: f"{v:.4g}" for k, v in shown.items()}
+        if self.bar.disable:  # not a terminal (CI, a log file): a plain line instead of a bar
+            print(f"step {self.done}/{self.total} " + " ".join(f"{k} {v}" for k, v in text.items()),
+                  file=sys.stderr, flush=True)
+        else:
+            self.bar.set_postfix(text, refresh=False)
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -1,0 +1,71 @@
+import pytest
+
+from conftest import ROOT, run_cli
+from engine.config import Recipe, RecipeError, dump_recipe, load_recipe
+
+
+def test_defaults_are_the_seed_experiment():
+    r = load_recipe(None)
+    assert isinstance(r, Recipe)
+    assert (r.model.name_or_path, r.data.source, r.train.lr, r.train.batch_size) == \
+        ("distilbert-base-uncased", "imdb", 2e-5, 16)
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("train:\n  lr: 3.0e-5\n  epochs: 1\ndata:\n  max_length: 128\n")
+    r = load_recipe(f, ["train.lr=1e-4", "data.where={source: imdb}", "peft.target_modules=[query,value]",
+                        "data.eval_size=null"])
+    assert r.train.lr == 1e-4 and r.train.epochs == 1.0 and r.data.max_length == 128
+    assert r.data.where == {"source": "imdb"}
+    assert r.peft.target_modules == ["query", "value"]
+    assert r.data.eval_size is None
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.lrr=1", "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+    ("lr=1", "unknown key 'lr' (did you mean 'train.lr'?)"),
+    ("train.batch_size=eight", "'train.batch_size' must be an integer, got 'eight'"),
+    ("train.precision=fp8", "'train.precision' must be one of fp32, bf16, fp16; got 'fp8'"),
+    ("train.keep_best=maybe", "'train.keep_best' must be true or false"),
+    ("train.batch_size=0", "'train.batch_size' must be >= 1"),
+    ("train.warmup_ratio=1.5", "'train.warmup_ratio' must be in [0, 1)"),
+    ("data.holdout_size=100", "'data.holdout_size' carves the eval set from train"),
+    ("train=3", "'train' must be a section of keys"),
+])
+def test_bad_values_name_the_key(override, expected):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, [override])
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("train: [unclosed\n")
+    with pytest.raises(RecipeError, match="broken.yaml: not valid YAML"):
+        load_recipe(f)
+    f.write_text("- a list\n")
+    with pytest.raises(RecipeError, match="broken.yaml: a recipe must be a mapping"):
+        load_recipe(f)
+
+
+def test_dump_round_trips(tmp_path):
+    r = load_recipe(None, ["train.lr=5e-5", "data.where={source: imdb}"])
+    dump_recipe(r, tmp_path / "recipe.yaml")
+    assert load_recipe(tmp_path / "recipe.yaml") == r
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
+def test_every_shipped_recipe_loads(recipe):
+    load_recipe(ROOT / "recipes" / recipe)
+
+
+def test_cli_unknown_key_exits_2_with_one_line(tmp_path):
+    f = tmp_path / "r.yaml"
+    out = tmp_path / "out"
+    f.write_text(f"output_dir: {out}\ntrain:\n  lrr: 1.0e-4\n")
+    p = run_cli("launch/train.py", "--recipe", f)
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"error: {f}: unknown key 'train.lrr' (did you mean 'train.lr'?)"
+    assert not out.exists()  # nothing is written before the recipe is valid

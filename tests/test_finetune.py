@@ -1,0 +1,102 @@
+"""A whole run on a tiny model: snapshots, metrics, logs, and the CLI around it."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli, tiny_overrides
+from engine.config import load_recipe
+from engine.finetune import OutputDirError, finetune
+
+
+@pytest.fixture(scope="module")
+def run(tiny_bert, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    report = finetune(load_recipe(None, tiny_overrides(tiny_bert, tiny_data, out) + ["train.eval_every=3"]))
+    return out, report
+
+
+def test_metrics_json(run):
+    out, report = run
+    m = json.loads((out / "metrics.json").read_text())
+    assert m == json.loads(json.dumps(report))
+    for side in ("base", "tuned"):
+        assert {"accuracy", "f1", "loss", "ece", "per_class", "confusion", "sha256"} <= set(m[side])
+        assert m[side]["n"] == 33
+    assert m["tuned"]["accuracy"] > 0.9 > m["base"]["accuracy"]
+    assert m["train"]["samples_per_s"] > 0 and m["train"]["real_tokens_per_s"] > 0
+    assert m["train"]["padded_tokens_per_s"] >= m["train"]["real_tokens_per_s"]
+    # 192 examples / batch 8 = 24 steps an epoch: every 3 steps, and at each epoch end (not twice)
+    assert [e["step"] for e in m["evals"]] == list(range(3, 73, 3))
+
+
+def test_base_snapshot_is_the_initial_model_bit_for_bit(run, tiny_bert, tiny_data):
+    from transformers import AutoModelForSequenceClassification
+    out, report = run
+    torch.manual_seed(42)  # the recipe's seed: the same head initialisation
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    base = load_file(out / "base" / "model.safetensors")
+    tuned = load_file(out / "tuned" / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(base[name], tensor), name
+    assert any(not torch.equal(base[k], tuned[k]) for k in base)
+    from engine.checkpoint import file_sha256
+    assert report["base"]["sha256"] == file_sha256(out / "base" / "model.safetensors")
+    assert report["tuned"]["sha256"] == file_sha256(out / "tuned" / "model.safetensors")
+
+
+def test_pipeline_loads_tuned_and_agrees_with_metrics(run, tiny_data):
+    from transformers import pipeline
+    out, report = run
+    clf = pipeline("text-classification", model=str(out / "tuned"))
+    assert clf("great wonderful superb film")[0]["label"] == "LABEL_1"
+    assert clf("awful boring terrible film")[0]["label"] == "LABEL_0"
+    p = run_cli("launch/evaluate.py", "--model", out / "tuned", "--data", tiny_data, "--max-length", "32",
+                "--output", out / "eval.json")
+    assert p.returncode == 0, p.stderr
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["n"] == 33
+    assert ev["accuracy"] == pytest.approx(report["tuned"]["accuracy"])
+
+
+def test_logs_recipe_and_tensorboard(run):
+    out, _ = run
+    assert load_recipe(out / "recipe.yaml").train.eval_every == 3
+    lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert any("train/loss" in x for x in lines) and any("eval/accuracy" in x for x in lines)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "eval/accuracy"} <= tags
+
+
+def test_refuses_to_overwrite_a_finished_run(run):
+    out, _ = run
+    with pytest.raises(OutputDirError, match="holds a finished run"):
+        finetune(load_recipe(out / "recipe.yaml"))
+
+
+def test_keep_best_takes_the_best_eval(tiny_bert, tiny_data, tmp_path):
+    # evaluated every step: tuned/ must be the first state that reached the best accuracy
+    report = finetune(load_recipe(None, tiny_overrides(tiny_bert, tiny_data, tmp_path) + [
+        "train.keep_best=true", "train.eval_every=1", "train.epochs=3"]))
+    best = max(report["evals"], key=lambda e: e["accuracy"])
+    assert report["tuned"]["accuracy"] == best["accuracy"]
+    first_best = next(e for e in report["evals"] if e["accuracy"] == best["accuracy"])
+    assert report["tuned"]["step"] == first_best["step"]
+
+
+def test_cli_prints_table_and_bad_data_exits_2(tiny_bert, tiny_data, tmp_path):
+    p = run_cli("launch/train.py", "--recipe", "recipes/demo_minilm_imdb.yaml",
+                *tiny_overrides(tiny_bert, tiny_data, tmp_path / "ok"), "data.eval_split=test",
+                "data.holdout_size=0", "data.train_size=null", "train.precision=fp32", "data.where={}",
+                "data.label_names=null")
+    assert p.returncode == 0, p.stderr
+    assert "accuracy" in p.stdout and "tuned" in p.stdout
+    bad = run_cli("launch/train.py", "--recipe", "recipes/demo_minilm_imdb.yaml",
+                  *tiny_overrides(tiny_bert, tmp_path / "nowhere", tmp_path / "bad"))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: data.source does not exist"]
+    assert not (tmp_path / "bad" / "metrics.json").exists()

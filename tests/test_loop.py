@@ -1,0 +1,73 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from engine.config import TrainConfig, load_recipe
+from engine.finetune import finetune
+from engine.loop import build_optimizer, linear_schedule
+
+
+def _train(tiny_bert, tiny_data, out, *extra):
+    recipe = load_recipe(None, tiny_overrides(tiny_bert, tiny_data, out) + list(extra))
+    return finetune(recipe)
+
+
+def test_accumulation_matches_one_big_batch(tiny_bert, tiny_data, tmp_path):
+    """grad_accum 4 x batch 2 updates the weights exactly as 1 x batch 8 (loss over all 8 examples)."""
+    _train(tiny_bert, tiny_data, tmp_path / "big", "train.batch_size=8", "train.grad_accum=1", "train.max_steps=4")
+    _train(tiny_bert, tiny_data, tmp_path / "acc", "train.batch_size=2", "train.grad_accum=4", "train.max_steps=4")
+    big = load_file(tmp_path / "big" / "tuned" / "model.safetensors")
+    acc = load_file(tmp_path / "acc" / "tuned" / "model.safetensors")
+    init = load_file(tmp_path / "big" / "base" / "model.safetensors")
+    assert any(not torch.equal(big[k], init[k]) for k in big)  # it did train
+    for k in big:
+        torch.testing.assert_close(acc[k], big[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_no_weight_decay_on_biases_and_layernorm(tiny_bert):
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert all(not (names[i].endswith("bias") or "LayerNorm" in names[i]) for i in decayed)
+    assert any("LayerNorm.weight" in names[id(p)] for p in opt.param_groups[1]["params"])
+
+
+def test_warmup_then_linear_decay():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = linear_schedule(opt, warmup_steps=4, total_steps=14)
+    lrs = []
+    for _ in range(14):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert lrs[4] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+def test_fp16_scaler_skips_overflow_steps():
+    from engine.precision import Precision
+    prec = Precision("fp16", torch.device("cpu"))
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    prec.backward((p * float("inf")).sum())
+    prec.unscale(opt)
+    assert prec.step(opt) is False
+    assert torch.equal(p.detach(), torch.ones(2))  # the overflowing update was not applied
+    opt.zero_grad()
+    prec.backward(p.sum())
+    prec.unscale(opt)
+    assert prec.step(opt) is True
+    assert not torch.equal(p.detach(), torch.ones(2))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains(tiny_bert, tiny_data, tmp_path, precision):
+    report = _train(tiny_bert, tiny_data, tmp_path / precision, f"train.precision={precision}", "train.epochs=4")
+    assert report["tuned"]["accuracy"] > report["base"]["accuracy"]
+    assert report["train"]["precision"] == precision

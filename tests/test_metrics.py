@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+from engine.metrics import classification_metrics, expected_calibration_error
+
+
+def test_hand_computed_binary_case():
+    # true:  0 0 0 1 1 ; predicted: 0 1 0 1 0
+    logits = np.log(np.array([[0.9, 0.1], [0.4, 0.6], [0.7, 0.3], [0.2, 0.8], [0.55, 0.45]]))
+    labels = np.array([0, 0, 0, 1, 1])
+    m = classification_metrics(logits, labels, ["neg", "pos"])
+    assert m["n"] == 5
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["confusion"] == [[2, 1], [1, 1]]
+    # neg: P 2/3 R 2/3 F1 2/3; pos: P 1/2 R 1/2 F1 1/2
+    assert m["per_class"]["neg"]["precision"] == pytest.approx(2 / 3)
+    assert m["per_class"]["pos"]["recall"] == pytest.approx(1 / 2)
+    assert m["f1"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    nll = -np.log([0.9, 0.4, 0.7, 0.8, 0.45]).mean()
+    assert m["loss"] == pytest.approx(nll)
+
+
+def test_ece_by_hand():
+    probs = np.array([[0.95, 0.05], [0.95, 0.05], [0.35, 0.65], [0.35, 0.65]])
+    labels = np.array([0, 1, 1, 1])
+    # bin (0.9,1.0]: conf .95, acc .5 -> .45 ; bin (0.6,0.7]: conf .65, acc 1 -> .35; equal weights
+    assert expected_calibration_error(probs, labels) == pytest.approx(0.5 * 0.45 + 0.5 * 0.35)
+
+
+def test_perfectly_calibrated_is_zero():
+    probs = np.array([[1.0, 0.0], [0.0, 1.0]])
+    assert expected_calibration_error(probs, np.array([0, 1])) == pytest.approx(0.0)
+
+
+def test_three_classes_macro_f1_ignores_absent_class():
+    logits = np.eye(3)[[0, 1, 1]] * 5
+    m = classification_metrics(logits, np.array([0, 1, 1]), ["a", "b", "c"])
+    assert m["f1"] == pytest.approx(1.0)
+    assert m["per_class"]["c"]["support"] == 0
