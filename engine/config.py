@@ -38,6 +38,9 @@ class DataConfig:
     label_column: str = "label"
     label_names: Optional[list[str]] = None  # class order for string labels (default: sorted)
     where: dict[str, Any] = field(default_factory=dict)  # keep rows whose column equals value
+    # old -> new column names, in every split that has the old one (SST-2: dev's `content` is
+    # train's `sentence`), so one text_column/label_column serves splits that name it differently
+    rename_columns: dict[str, str] = field(default_factory=dict)
     encoding: str = "utf-8"  # of csv/tsv/jsonl/txt files (Financial PhraseBank is latin-1)
     max_length: int = 512  # tokens; longer texts are truncated
     train_size: Optional[int] = None  # seeded, stratified subset of the train split

@@ -104,6 +104,12 @@ def read_split(cfg: DataConfig, split: str) -> RawSplit:
         frame, origin, names = _read_local(path, split, cfg)
     else:
         frame, origin, names = _read_hub(cfg.source, split)
+    for old, new in cfg.rename_columns.items():
+        if old in frame.columns:
+            if new in frame.columns:
+                raise DataError(f"{origin}: data.rename_columns renames '{old}' to '{new}', but both "
+                                f"columns are there")
+            frame = frame.rename(columns={old: new})
     for column, value in cfg.where.items():
         if column not in frame.columns:
             raise DataError(f"{origin}: data.where names column '{column}', which is not there "

@@ -41,7 +41,8 @@ def predict(model, data: Tokenized, batch_size: int, precision, dist, pad_id: in
     n_classes = max(g[1].shape[-1] for g in gathered)
     out = np.zeros((len(data), n_classes), dtype=np.float32)
     for idx, logits in gathered:
-        out[idx] = logits
+        if len(idx):  # a rank with no batch of its own sent nothing
+            out[idx] = logits
     return out
 
 

@@ -29,7 +29,8 @@ def run_main(main) -> None:
         quiet_libraries()
         code = main()
     except USER_ERRORS as e:
-        print(f"{who}error: {e}", file=sys.stderr, flush=True)
+        if rank in (None, "0"):  # every rank meets the same bad input: say it once
+            print(f"error: {e}", file=sys.stderr, flush=True)
         os._exit(2)  # skip interpreter teardown: never hang on a half-joined process group
     except KeyboardInterrupt:
         print(f"{who}interrupted", file=sys.stderr, flush=True)

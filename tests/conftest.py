@@ -41,6 +41,12 @@ def run_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
                           env=full_env, timeout=timeout)
 
 
+def run_torchrun(nproc: int, *args, env=None, timeout=300, extra=()) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N launch/train.py ...` as a user types it."""
+    return run_cli("-m", "torch.distributed.run", *extra, "--standalone", f"--nproc_per_node={nproc}",
+                   "launch/train.py", *args, env=env, timeout=timeout)
+
+
 def needs_shared_data():
     return pytest.mark.skipif(not (SHARED_DATA / "imdb" / "train.parquet").exists(),
                               reason=f"real data not found at {SHARED_DATA} (the project's shared/ folder)")

@@ -50,6 +50,26 @@ def test_single_file_with_string_labels_filter_and_holdout(tmp_path):
     assert again.eval.texts == s.eval.texts  # seeded
 
 
+def test_rename_columns_per_split_layout(tmp_path):
+    # SST-2's layout: train.tsv names its text column `sentence`, dev.tsv names it `content`
+    (tmp_path / "train.tsv").write_text("label\tsentence\n0\tdull , weak\n1\tit 's \"great\"\n")
+    (tmp_path / "dev.tsv").write_text("label\tcontent\n1\tsuperb\n0\tawful\n")
+    cfg = DataConfig(source=str(tmp_path), text_column="sentence", eval_split="dev")
+    with pytest.raises(DataError, match=r"dev.tsv: no column 'sentence' \(data.text_column\); columns: label, content"):
+        load_splits(cfg, 0)
+    cfg.rename_columns = {"content": "sentence"}
+    s = load_splits(cfg, 0)
+    assert s.train.texts == ["dull , weak", 'it \'s "great"'] and s.eval.texts == ["superb", "awful"]
+    assert s.eval.labels.tolist() == [1, 0]
+
+
+def test_rename_columns_refuses_a_clash(tmp_path):
+    pd.DataFrame({"text": ["a", "b"], "body": ["x", "y"], "label": [0, 1]}).to_csv(tmp_path / "train.csv", index=False)
+    cfg = DataConfig(source=str(tmp_path), eval_split="train", rename_columns={"body": "text"})
+    with pytest.raises(DataError, match="renames 'body' to 'text', but both columns are there"):
+        load_splits(cfg, 0)
+
+
 def test_holdout_is_disjoint_from_train(tmp_path):
     f = tmp_path / "all.csv"
     pd.DataFrame({"text": [f"review number {i}" for i in range(100)], "label": [i % 2 for i in range(100)]}).to_csv(f, index=False)

@@ -1,0 +1,141 @@
+"""DDP and FSDP2 on 2 CPU processes (gloo) against a one-process reference, as users launch them."""
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli, run_torchrun, tiny_overrides
+
+
+def _args(model, data, out, *extra):
+    return ["--recipe", "/dev/null", *tiny_overrides(model, data, out), "train.log_every=1",
+            "train.max_steps=8", "train.eval_every=0", *extra]
+
+
+def _losses(out):
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_bert, tiny_data, tmp_path_factory):
+    """One process x batch 8 and 2 ranks x batch 4 (DDP, FSDP), with and without accumulation."""
+    root = tmp_path_factory.mktemp("parity")
+    out = {}
+    for accum in (1, 2):
+        single = root / f"single-{accum}"
+        p = run_cli("launch/train.py", *_args(tiny_bert, tiny_data, single, "train.batch_size=8",
+                                              f"train.grad_accum={accum}"))
+        assert p.returncode == 0, p.stderr[-3000:]
+        out[("none", accum)] = single
+        for strategy in ("ddp", "fsdp"):
+            d = root / f"{strategy}-{accum}"
+            p = run_torchrun(2, *_args(tiny_bert, tiny_data, d, "train.batch_size=4",
+                                       f"train.grad_accum={accum}", f"distributed.strategy={strategy}"))
+            assert p.returncode == 0, p.stderr[-3000:]
+            out[(strategy, accum)] = d
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("accum", [1, 2])
+def test_same_loss_curve_and_weights_as_one_process(runs, strategy, accum):
+    ref, dist = runs[("none", accum)], runs[(strategy, accum)]
+    assert len(_losses(ref)) == 8
+    assert _losses(dist) == pytest.approx(_losses(ref), abs=1e-5)
+    a = load_file(ref / "tuned" / "model.safetensors")
+    b = load_file(dist / "tuned" / "model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype == torch.float32
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_tuned_snapshot_has_the_single_process_format(runs, strategy):
+    from transformers import AutoModelForSequenceClassification
+    ref, dist = runs[("none", 1)], runs[(strategy, 1)]
+    assert sorted(p.name for p in (dist / "tuned").iterdir()) == sorted(p.name for p in (ref / "tuned").iterdir())
+    model = AutoModelForSequenceClassification.from_pretrained(dist / "tuned")
+    saved = load_file(dist / "tuned" / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name  # loads into a plain model, weights as saved
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_sharded_eval_counts_every_example_once(runs, strategy):
+    ref = json.loads((runs[("none", 1)] / "metrics.json").read_text())
+    dist = json.loads((runs[(strategy, 1)] / "metrics.json").read_text())
+    assert dist["base"]["n"] == ref["base"]["n"] == 33  # odd: ranks hold unequal shares
+    for key in ("accuracy", "f1", "confusion"):
+        assert dist["base"][key] == ref["base"][key]
+    assert dist["base"]["loss"] == pytest.approx(ref["base"]["loss"], abs=1e-6)
+    assert dist["train"]["world_size"] == 2 and dist["train"]["strategy"] == strategy
+
+
+def test_hybrid_mesh_fsdp_inside_ddp_across(tiny_bert, tiny_data, tmp_path, runs):
+    out = tmp_path / "hsdp"
+    p = run_torchrun(2, *_args(tiny_bert, tiny_data, out, "train.batch_size=4", "distributed.strategy=fsdp",
+                               "distributed.replicas=2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _losses(out) == pytest.approx(_losses(runs[("none", 1)]), abs=1e-5)
+
+
+def test_two_nodes_over_c10d_rendezvous(tiny_bert, tiny_data, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "twonode"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+         f"--node_rank={node}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+         "--rdzv-id=twonode", "launch/train.py",
+         *_args(tiny_bert, tiny_data, out, "train.batch_size=4", "distributed.strategy=ddp")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["train"]["world_size"] == 2 and (out / "tuned" / "model.safetensors").exists()
+
+
+def test_a_failing_rank_ends_the_job_fast_and_says_which(tiny_bert, tiny_data, tmp_path):
+    # a site hook makes rank 1's third loss computation raise; rank 0 would otherwise wait for it
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import torch.nn.functional as F\n"
+        "    real, calls = F.cross_entropy, []\n"
+        "    def broken(*a, **k):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 3:\n"
+        "            raise RuntimeError('injected failure on this rank')\n"
+        "        return real(*a, **k)\n"
+        "    F.cross_entropy = broken\n")
+    start = time.monotonic()
+    p = run_torchrun(2, *_args(tiny_bert, tiny_data, tmp_path / "out", "train.batch_size=4",
+                               "distributed.strategy=ddp"), env={"PYTHONPATH": str(hook)}, timeout=120)
+    elapsed = time.monotonic() - start
+    assert p.returncode != 0
+    assert "rank 1: failed: RuntimeError: injected failure on this rank" in p.stderr
+    assert elapsed < 60
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["distributed.strategy=none"], "torchrun started 2 processes but distributed.strategy=none"),
+    (["distributed.strategy=fsdp", "distributed.replicas=3"], "distributed.replicas=3 does not divide the 2 processes"),
+    (["distributed.strategy=ddp", "data.train_size=6"], "6 training examples cannot fill one step of 8"),
+])
+def test_bad_combinations_stop_before_work_with_one_line(tiny_bert, tiny_data, tmp_path, extra, message):
+    p = run_torchrun(2, *_args(tiny_bert, tiny_data, tmp_path / "out", "train.batch_size=4", *extra))
+    assert p.returncode != 0
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], p.stderr[-2000:]
+    assert not (tmp_path / "out" / "metrics.json").exists()

@@ -1,0 +1,37 @@
+"""Wrapping decisions that need no process group; the 2-process runs are in tests/distributed/."""
+import pytest
+import torch
+
+import tiny
+from engine.config import DistributedConfig
+from engine.distributed import Dist, DistributedSetupError, init, transformer_blocks
+
+
+@pytest.mark.parametrize("arch, block", [("bert", "BertLayer"), ("distilbert", "TransformerBlock"),
+                                          ("roberta", "RobertaLayer")])
+def test_blocks_are_found_without_a_per_architecture_list(tmp_path, arch, block):
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(tiny.make_model(tmp_path, arch))
+    names = [type(b).__name__ for b in transformer_blocks(model)]
+    assert names.count(block) == 2  # each layer is its own FSDP unit
+    assert set(names) <= {block, *(model._no_split_modules or ())}  # plus embeddings, where declared
+
+
+def test_one_process_needs_no_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    d = init(DistributedConfig(), num_threads=1)
+    assert (d.rank, d.world, d.is_main, d.active) == (0, 1, True, False)
+    assert torch.get_num_threads() == 1
+    t = torch.ones(2)
+    assert d.all_reduce_sum(t) is t and d.all_gather_object(5) == [5]
+
+
+def test_torchrun_without_a_strategy_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DistributedSetupError, match="set distributed.strategy=ddp or fsdp"):
+        init(DistributedConfig(strategy="none"))
+
+
+def test_unwrap_returns_the_model_for_plain_modules():
+    m = torch.nn.Linear(2, 2)
+    assert Dist.unwrap(m) is m
