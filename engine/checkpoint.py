@@ -62,3 +62,186 @@ def write_json_atomic(path: str | Path, obj) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Training state: everything needed to continue a run exactly where it stopped.
+#
+# checkpoints/step-N/
+#   state.json            loop position, evals, scheduler, scaler, optimizer hyper-parameters,
+#                         the run's fingerprint (rank 0)
+#   shard-R.safetensors   model weights + optimizer moments: rank R's shard under FSDP, the
+#                         whole of them from rank 0 otherwise
+#   rng-R.json            every RNG of rank R
+# Nothing is pickled: tensors are safetensors, the rest JSON, so loading runs no stored code.
+
+CHECKPOINTS = "checkpoints"
+STEP_PREFIX = "step-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (corrupt, or from another run); one line."""
+
+
+def checkpoint_dirs(out_dir: str | Path) -> list[Path]:
+    """Committed checkpoints, oldest first (temporary folders of interrupted saves are skipped)."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+             and p.name[len(STEP_PREFIX):].isdigit() and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _flatten(model_sd: dict, optim_sd: dict):
+    """Tensors keyed for safetensors, and the optimizer's non-tensor parts for JSON."""
+    tensors = {f"model/{k}": _local(v) for k, v in model_sd.items()}
+    for fqn, state in optim_sd["state"].items():
+        for name, v in state.items():
+            tensors[f"optim/{fqn}/{name}"] = _local(v)
+    return tensors, optim_sd["param_groups"]
+
+
+def save_training_state(out_dir: str | Path, step: int, model, optimizer, scheduler, precision, dist,
+                        state: dict, keep: int) -> Path:
+    """Write checkpoints/step-N atomically on every rank's behalf; keep the newest `keep`."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = Path(out_dir) / CHECKPOINTS / f"{STEP_PREFIX}{step}"
+    tmp = Path(dist.broadcast_object(str(atomic_dir(final)) if dist.is_main else None))
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    tensors, groups = _flatten(model_sd, optim_sd)
+    sharded = dist.strategy == "fsdp"
+    if sharded or dist.is_main:
+        # contiguous copies: safetensors refuses views and tensors that share memory (tied weights)
+        save_file({k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()},
+                  tmp / f"shard-{dist.rank if sharded else 0}.safetensors")
+    _write_json(tmp / f"rng-{dist.rank}.json", rng_state())
+    if dist.is_main:
+        _write_json(tmp / "state.json", {
+            **state, "world_size": dist.world, "sharded": sharded,
+            "scheduler": scheduler.state_dict(),
+            "scaler": precision.scaler.state_dict() if precision.scaler else None,
+            "param_groups": groups,
+        })
+    dist.barrier()  # every rank's files are in place before the folder becomes visible
+    if dist.is_main:
+        commit_dir(tmp, final)
+        for old in checkpoint_dirs(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in final.parent.glob(f".{STEP_PREFIX}*.tmp-*"):  # left by saves that were killed
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def read_state(folder: str | Path) -> dict:
+    path = Path(folder) / "state.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint state ({e.__class__.__name__}: {e})") from None
+
+
+def load_training_state(folder: str | Path, model, optimizer, scheduler, precision, dist) -> dict:
+    """Load a checkpoint into the (wrapped) model and optimizer in place; return its state.json."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder = Path(folder)
+    state = read_state(folder)
+    if state.get("world_size") != dist.world:
+        raise CheckpointError(f"{folder}: written by {state.get('world_size')} processes, resumed with "
+                              f"{dist.world}; resume with the same number")
+    shard = folder / f"shard-{dist.rank if state['sharded'] else 0}.safetensors"
+    try:
+        tensors = load_file(shard)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{shard}: corrupt or truncated ({' '.join(str(e).split())[:160]})") from None
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # templates; also creates Adam's state
+    expected, _ = _flatten(model_sd, optim_sd)
+    missing = sorted(set(expected) - set(tensors))
+    if missing or any(tensors[k].shape != v.shape for k, v in expected.items()):
+        bad = missing[0] if missing else next(k for k, v in expected.items() if tensors[k].shape != v.shape)
+        raise CheckpointError(f"{shard}: does not match this model ({bad})")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key])
+    optim_sd["param_groups"] = state["param_groups"]
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    scheduler.load_state_dict(state["scheduler"])
+    if precision.scaler and state.get("scaler"):
+        precision.scaler.load_state_dict(state["scaler"])
+    rng_file = folder / f"rng-{dist.rank}.json"
+    try:
+        set_rng_state(json.loads(rng_file.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{rng_file}: unreadable ({e.__class__.__name__})") from None
+    return state
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+    import torch
+
+    np_state, py_state = np.random.get_state(), random.getstate()
+    out = {
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state().tolist()
+    return out
+
+
+def set_rng_state(s: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    np.random.set_state((s["numpy"][0], np.asarray(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(s["cuda"], dtype=torch.uint8))
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save_weights(path: str | Path, state_dict: dict) -> None:
+    """Full weights as one safetensors file, atomically (the best state under keep_best)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_weights(path: str | Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated ({' '.join(str(e).split())[:160]})") from None

@@ -81,11 +81,21 @@ class DistributedConfig:
 
 @dataclass
 class PeftConfig:
+    # none: train every weight; lora: low-rank adapters on a frozen body; qlora: the same on a
+    # 4-bit NF4 copy of the body (bitsandbytes). The classification head always trains whole.
     method: Literal["none", "lora", "qlora"] = "none"
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.1
-    target_modules: Optional[list[str]] = None  # default chosen per architecture
+    r: int = 8  # rank of each adapter
+    alpha: int = 16  # adapter output is scaled by alpha / r
+    dropout: float = 0.1  # on the adapter's input, training only
+    # layers that get adapters; default per architecture: DistilBERT q_lin,v_lin; BERT and
+    # RoBERTa query,value; others all-linear
+    target_modules: Optional[list[str]] = None
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # optimizer steps between training-state checkpoints (also at each epoch end)
+    keep: int = 2  # newest checkpoints kept under output_dir/checkpoints/; 0 writes none
 
 
 @dataclass
@@ -97,6 +107,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def check(self, where: str) -> None:
         """Cross-key rules that a type alone cannot express."""
@@ -109,7 +120,8 @@ class Recipe:
             if value < 1:
                 raise RecipeError(f"{where}: '{key}' must be >= 1, got {value}")
         for key, value in {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
-                           "data.holdout_size": d.holdout_size}.items():
+                           "data.holdout_size": d.holdout_size, "checkpoint.every": self.checkpoint.every,
+                           "checkpoint.keep": self.checkpoint.keep}.items():
             if value < 0:
                 raise RecipeError(f"{where}: '{key}' must be >= 0, got {value}")
         if t.epochs <= 0 and t.max_steps == 0:
@@ -126,8 +138,13 @@ class Recipe:
                               f"set data.eval_split=null to use it (got eval_split={d.eval_split!r})")
         if not d.holdout_size and not d.eval_split:
             raise RecipeError(f"{where}: no eval set: set 'data.eval_split' or 'data.holdout_size'")
-        if self.peft.r < 1:
-            raise RecipeError(f"{where}: 'peft.r' must be >= 1, got {self.peft.r}")
+        p = self.peft
+        if p.r < 1:
+            raise RecipeError(f"{where}: 'peft.r' must be >= 1, got {p.r}")
+        if p.alpha <= 0:
+            raise RecipeError(f"{where}: 'peft.alpha' must be > 0, got {p.alpha}")
+        if not 0 <= p.dropout < 1:
+            raise RecipeError(f"{where}: 'peft.dropout' must be in [0, 1), got {p.dropout}")
 
 
 # --------------------------------------------------------------------------------------------

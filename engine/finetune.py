@@ -4,14 +4,18 @@ Read this file to know what `launch/train.py` does; each line calls one componen
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import random
+import resource
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine import checkpoint, data as data_lib, distributed, loop, modeling
+from engine import adapters, checkpoint, data as data_lib, distributed, loop, modeling, signals
 from engine.config import Recipe, dump_recipe, to_dict
 from engine.evaluation import evaluate
 from engine.precision import Precision
@@ -19,7 +23,7 @@ from engine.tracking import Tracker
 
 
 class OutputDirError(ValueError):
-    """The output folder already holds a finished run."""
+    """The output folder holds a finished run, or an unfinished one nobody asked to resume."""
 
 
 def seed_everything(seed: int) -> None:
@@ -28,16 +32,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def finetune(recipe: Recipe, overwrite: bool = False) -> dict:
+def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None) -> dict:
+    """Run a recipe to the end; `resume` is "auto" (latest checkpoint in output_dir) or a folder."""
     started = time.perf_counter()
     out = Path(recipe.output_dir)
-    if (out / "metrics.json").exists() and not overwrite:
-        raise OutputDirError(f"{out}: holds a finished run (metrics.json); pick another output_dir "
-                             f"or pass --overwrite")
     dist = distributed.init(recipe.distributed, recipe.train.num_threads)
     train_cfg = recipe.train
+    resume_from = prepare_output_dir(out, overwrite, resume, dist)
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, out / "recipe.yaml")
     precision = Precision(train_cfg.precision, dist.device)
 
@@ -50,10 +52,17 @@ def finetune(recipe: Recipe, overwrite: bool = False) -> dict:
     train_set = data_lib.tokenize(splits.train, tokenizer, recipe.data.max_length, recipe.data.cache_dir)
     eval_set = data_lib.tokenize(splits.eval, tokenizer, recipe.data.max_length, recipe.data.cache_dir)
     check_sizes(len(train_set), len(eval_set), train_cfg, dist)
+    fingerprint = run_fingerprint(recipe, model, len(train_set), len(eval_set), dist)
+    saved = checkpoint.read_state(resume_from) if resume_from else None
+    if saved:
+        check_fingerprint(resume_from, saved["fingerprint"], fingerprint)
 
     # the base snapshot: fine-tuning overwrites the weights in place, so keep them first
-    if dist.is_main:
-        base_sha = checkpoint.save_snapshot(model, tokenizer, out / "base")
+    if dist.is_main and not saved:
+        checkpoint.save_snapshot(model, tokenizer, out / "base")
+    peft = recipe.peft.method
+    if peft != "none":  # the adapters go on after base/ is saved: base/ stays the plain model
+        model = adapters.attach(model, recipe, out / "base", dist)
     counts = modeling.param_counts(model)
 
     model = dist.wrap(model, precision.dtype)
@@ -64,7 +73,12 @@ def finetune(recipe: Recipe, overwrite: bool = False) -> dict:
         return evaluate(model, eval_set, splits.label_names, train_cfg.eval_batch_size, precision,
                         dist, pad_id, pad_left)
 
-    base_metrics = run_eval()
+    def run_eval_of(folder: Path) -> dict:  # a saved snapshot, scored on every rank
+        snapshot = modeling.load_model(dataclasses.replace(recipe.model, name_or_path=str(folder), revision=None))
+        return evaluate(snapshot.to(dist.device), eval_set, splits.label_names, train_cfg.eval_batch_size,
+                        precision, dist, pad_id, pad_left)
+
+    base_metrics = saved["base_metrics"] if saved else run_eval()
     tracker_steps = loop.total_steps(len(train_set), train_cfg, dist.world)[1]
     tracker = Tracker(out, dist.is_main, tracker_steps)
     tracker.message(f"train {len(train_set)} examples from {splits.train.origin}; "
@@ -72,35 +86,96 @@ def finetune(recipe: Recipe, overwrite: bool = False) -> dict:
                     f"{torch.get_num_threads()} thread(s) each, strategy {dist.strategy}, "
                     f"precision {train_cfg.precision}")
     tracker.message(f"base: accuracy {base_metrics['accuracy']:.4f}  f1 {base_metrics['f1']:.4f}")
+    if peft != "none":
+        tracker.message(f"{peft}: {counts['trainable_params']:,} of {counts['total_params']:,} parameters "
+                        f"train ({counts['trainable_share']:.2%})")
 
     optimizer = loop.build_optimizer(model, train_cfg)  # after wrapping: FSDP swaps the parameters
     warmup = int(train_cfg.warmup_ratio * tracker_steps)
     scheduler = loop.linear_schedule(optimizer, warmup, tracker_steps)
-    result = loop.train(model, optimizer, scheduler, train_set, train_cfg, precision, dist,
-                        seed=recipe.seed, pad_id=pad_id, pad_left=pad_left, evaluate=run_eval,
-                        tracker=tracker)
+    state = None
+    if saved:
+        checkpoint.load_training_state(resume_from, model, optimizer, scheduler, precision, dist)
+        state = loop.LoopState(**saved["loop"])
+        tracker.message(f"resumed from {resume_from} (step {state.step}, epoch {state.epoch})")
+
+    best_file = out / checkpoint.CHECKPOINTS / "best.safetensors"
+    stop = signals.StopRequest(dist)
+
+    def keep_best(s: loop.LoopState) -> None:
+        weights = dist.full_state_dict(model)
+        if dist.is_main:
+            checkpoint.save_weights(best_file, weights)
+
+    def save_checkpoint(s: loop.LoopState) -> None:
+        if recipe.checkpoint.keep:
+            checkpoint.save_training_state(
+                out, s.step, model, optimizer, scheduler, precision, dist, keep=recipe.checkpoint.keep,
+                state={"loop": dataclasses.asdict(s), "fingerprint": fingerprint, "base_metrics": base_metrics})
+
+    hooks = loop.Hooks(evaluate=run_eval, keep_best=keep_best, checkpoint=save_checkpoint,
+                       stop_requested=stop.requested)
+    try:
+        with stop.installed():
+            state, throughput = loop.train(
+                model, optimizer, scheduler, train_set, train_cfg, precision, dist, seed=recipe.seed,
+                pad_id=pad_id, pad_left=pad_left, hooks=hooks, tracker=tracker,
+                checkpoint_every=recipe.checkpoint.every, state=state)
+    except loop.StopTraining as e:
+        tracker.close()
+        latest = checkpoint.checkpoint_dirs(out)
+        where = f"the last checkpoint is {latest[-1]}" if latest else "no checkpoint was written"
+        raise loop.StopTraining(f"{e}; {where}; continue with: --resume auto") from None
+    peak = peak_memory(dist.device)
+    peak["peak_memory_mb"] = max(dist.all_gather_object(peak["peak_memory_mb"]))  # the largest rank
 
     # the tuned snapshot: the best eval state when kept, else the final weights
-    chosen = result.best if train_cfg.keep_best else result.evals[-1]
-    state = result.best_state if train_cfg.keep_best else dist.full_state_dict(model)
+    chosen = state.best if train_cfg.keep_best else state.evals[-1]
+    if train_cfg.keep_best:
+        weights = checkpoint.load_weights(best_file) if dist.is_main else {}
+    else:
+        weights = dist.full_state_dict(model)
     tuned_metrics = {k: v for k, v in chosen.items() if k not in ("step", "epoch")}
+    exported, quantized = None, None
+    if dist.is_main and peft != "none":
+        exported = adapters.export(dist.unwrap(model), weights, out, tokenizer, recipe)
+    if peft == "qlora":
+        # what trained was a 4-bit copy: score base/ and the merged tuned/ as saved, so the
+        # metrics stay those of the snapshots; the 4-bit figures are kept beside them
+        dist.barrier()
+        quantized = {"base": base_metrics, "tuned": tuned_metrics}
+        base_metrics, tuned_metrics = run_eval_of(out / "base"), run_eval_of(out / "tuned")
     report = None
     if dist.is_main:
-        tuned_sha = checkpoint.save_snapshot(dist.unwrap(model), tokenizer, out / "tuned", state_dict=state)
+        if exported:
+            tuned_sha = exported["tuned_sha256"]
+        else:
+            tuned_sha = checkpoint.save_snapshot(dist.unwrap(model), tokenizer, out / "tuned", state_dict=weights)
         report = {
-            "base": {**base_metrics, "sha256": base_sha, "path": str(out / "base")},
+            "base": {**base_metrics, "sha256": checkpoint.file_sha256(out / "base" / checkpoint.WEIGHTS),
+                     "path": str(out / "base")},
             "tuned": {**tuned_metrics, "sha256": tuned_sha, "path": str(out / "tuned"),
                       "step": chosen["step"], "epoch": chosen["epoch"]},
-            "train": {**result.throughput, "final_loss": result.final_loss, "world_size": dist.world,
+            "train": {**throughput, "final_loss": state.final_loss, "world_size": dist.world,
                       "strategy": dist.strategy, "precision": train_cfg.precision,
-                      "threads_per_process": torch.get_num_threads()},
+                      "threads_per_process": torch.get_num_threads(), "resumed_from": str(resume_from or ""),
+                      **peak},
             "params": counts,
             "evals": [{k: e[k] for k in ("step", "epoch", "accuracy", "f1", "loss", "ece")}
-                      for e in result.evals],
+                      for e in state.evals],
             "data": {"train": splits.train.origin, "eval": splits.eval.origin,
                      "train_n": len(train_set), "eval_n": len(eval_set), "labels": splits.label_names},
             "wall_seconds": round(time.perf_counter() - started, 1),
         }
+        if exported:
+            report["peft"] = {
+                "method": peft, "r": recipe.peft.r, "alpha": recipe.peft.alpha, "dropout": recipe.peft.dropout,
+                "target_modules": exported["target_modules"], "modules_to_save": exported["modules_to_save"],
+                "adapter": {"path": str(out / "adapter"), "sha256": exported["adapter_sha256"]},
+            }
+            if quantized:  # the 4-bit model as it trained, before and after
+                report["peft"]["quantized"] = {side: {k: m[k] for k in ("accuracy", "f1", "loss", "ece", "n")}
+                                               for side, m in quantized.items()}
         tracker.hparams(_flat(to_dict(recipe)), {"accuracy": tuned_metrics["accuracy"],
                                                  "f1": tuned_metrics["f1"]})
         tracker.close()
@@ -109,6 +184,65 @@ def finetune(recipe: Recipe, overwrite: bool = False) -> dict:
     dist.barrier()
     dist.close()
     return report
+
+
+def prepare_output_dir(out: Path, overwrite: bool, resume: str | None, dist) -> Path | None:
+    """Refuse to mix runs in one folder; return the checkpoint to resume from, if any."""
+    finished = (out / "metrics.json").exists()
+    existing = checkpoint.checkpoint_dirs(out)
+    if overwrite:
+        dist.barrier()
+        if dist.is_main:  # nothing of the old run may be mistaken for the new one's
+            for name in ("metrics.json", "tuned", "adapter", checkpoint.CHECKPOINTS, "log.jsonl", "tb"):
+                path = out / name
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        dist.barrier()
+        finished, existing = False, []
+    if finished:
+        raise OutputDirError(f"{out}: holds a finished run (metrics.json); pick another output_dir "
+                             f"or pass --overwrite")
+    resume_from = None
+    if resume == "auto":
+        resume_from = existing[-1] if existing else None
+    elif resume:
+        resume_from = Path(resume)
+        if not (resume_from / "state.json").exists():
+            raise checkpoint.CheckpointError(f"{resume_from}: not a checkpoint (no state.json)")
+    elif existing:
+        raise OutputDirError(f"{out}: holds checkpoints of an unfinished run; continue it with "
+                             f"--resume auto, or start over with --overwrite")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    return resume_from
+
+
+def run_fingerprint(recipe: Recipe, model, n_train: int, n_eval: int, dist) -> dict:
+    """What must not change between a checkpoint and the run that resumes from it."""
+    shapes = hashlib.sha256("".join(f"{k}{tuple(v.shape)}" for k, v in model.state_dict().items()).encode())
+    return {
+        "model": recipe.model.name_or_path, "weights_shape_sha256": shapes.hexdigest(),
+        "world_size": dist.world, "strategy": dist.strategy, "replicas": recipe.distributed.replicas,
+        "batch_size": recipe.train.batch_size, "grad_accum": recipe.train.grad_accum,
+        "max_length": recipe.data.max_length, "train_n": n_train, "eval_n": n_eval,
+        "seed": recipe.seed, "peft": recipe.peft.method,
+    }
+
+
+def check_fingerprint(folder: Path, saved: dict, now: dict) -> None:
+    for key, value in now.items():
+        if saved.get(key) != value:
+            raise checkpoint.CheckpointError(
+                f"{folder}: written by a different run ({key} was {saved.get(key)!r}, now {value!r})")
+
+
+def peak_memory(device: torch.device) -> dict:
+    """This process's peak memory so far: allocated on the GPU, or resident (max RSS) on CPU."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+                "peak_memory_of": "cuda max_memory_allocated"}
+    # ru_maxrss is in KiB on Linux; it covers the whole process, loading included
+    return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, 1),
+            "peak_memory_of": "process max RSS"}
 
 
 def check_sizes(n_train: int, n_eval: int, cfg, dist) -> None:
@@ -141,5 +275,9 @@ def summary_table(report: dict) -> str:
     t = report["train"]
     lines.append(f"train: {t['samples_per_s']:.1f} samples/s, {t['real_tokens_per_s']:.0f} tokens/s "
                  f"(padding {t['padding_share']:.1%}), {t['steps']} steps in {t['train_seconds']:.0f}s; "
-                 f"whole run {report['wall_seconds']:.0f}s")
+                 f"whole run {report['wall_seconds']:.0f}s; peak memory {t['peak_memory_mb']:.0f} MB")
+    if "peft" in report:
+        p, c = report["peft"], report["params"]
+        lines.append(f"{p['method']}: {c['trainable_params']:,} of {c['total_params']:,} parameters trained "
+                     f"({c['trainable_share']:.2%}); adapter: {p['adapter']['path']}")
     return "\n".join(lines)

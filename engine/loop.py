@@ -58,45 +58,76 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Ten
     return norm
 
 
+class StopTraining(RuntimeError):
+    """The run stopped early on purpose (signal, non-finite loss); the message says how to go on."""
+
+
 @dataclass
-class LoopResult:
-    steps: int = 0
-    epochs_seen: int = 0
+class LoopState:
+    """Where a run is: with the weights, optimizer and RNGs, all a checkpoint needs to continue."""
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # the epoch being trained
+    step_in_epoch: int = 0  # steps of that epoch already taken: resume jumps past them
     final_loss: float = float("nan")
+    skipped_steps: int = 0  # fp16 steps the scaler skipped for inf/NaN gradients
+    window: list = field(default_factory=lambda: [0.0, 0.0])  # loss sum, examples since last log
     evals: list = field(default_factory=list)  # {"step", "epoch", **metrics}
-    best: Optional[dict] = None  # the eval whose state became tuned/ when keep_best
-    best_state: Optional[dict] = None  # full weights of that state (rank 0)
-    throughput: dict = field(default_factory=dict)
+    best: Optional[dict] = None  # the eval kept as tuned/ (keep_best)
+
+
+@dataclass
+class Hooks:
+    """What the loop calls out to; the loop itself knows nothing of files or signals."""
+    evaluate: Callable[[], dict]
+    keep_best: Callable[[LoopState], None] = lambda state: None  # a new best eval: save its weights
+    checkpoint: Callable[[LoopState], None] = lambda state: None
+    stop_requested: Callable[[], bool] = lambda: False
 
 
 def train(model, optimizer, scheduler, data: Tokenized, cfg: TrainConfig, precision, dist, *,
-          seed: int, pad_id: int, pad_left: bool, evaluate: Callable[[], dict], tracker) -> LoopResult:
+          seed: int, pad_id: int, pad_left: bool, hooks: Hooks, tracker, checkpoint_every: int = 0,
+          state: Optional[LoopState] = None) -> tuple[LoopState, dict]:
+    """Train to the end (or a stop); returns the final state and the throughput summary."""
     steps_per_epoch, n_steps = total_steps(len(data), cfg, dist.world)
     params = [p for p in model.parameters() if p.requires_grad]
-    result = LoopResult()
+    state = state or LoopState()
     clock = Throughput()
-    window = torch.zeros(2, dtype=torch.float64, device=dist.device)  # loss sum, examples: no sync per step
-    step, epoch = 0, 0
+    window = torch.tensor(state.window, dtype=torch.float64, device=dist.device)  # no sync per step
+    logged_at = state.step
+    if state.step:
+        tracker.progress(state.step)
     model.train()
 
     def run_eval() -> None:
-        if result.evals and result.evals[-1]["step"] == step:
+        if state.evals and state.evals[-1]["step"] == state.step:
             return  # an epoch end that eval_every already covered
+        metrics = evaluate_paused()
+        state.evals.append({"step": state.step, "epoch": state.epoch, **metrics})
+        tracker.scalars(state.step, {k: metrics[k] for k in ("accuracy", "f1", "loss", "ece")}, "eval/")
+        tracker.message(f"step {state.step}: eval accuracy {metrics['accuracy']:.4f}  f1 {metrics['f1']:.4f}")
+        if cfg.keep_best and (state.best is None or metrics["accuracy"] > state.best["accuracy"]):
+            state.best = state.evals[-1]
+            hooks.keep_best(state)
+
+    def evaluate_paused() -> dict:
         clock.pause()
-        metrics = evaluate()
-        record = {"step": step, "epoch": epoch, **metrics}
-        result.evals.append(record)
-        tracker.scalars(step, {k: metrics[k] for k in ("accuracy", "f1", "loss", "ece")}, "eval/")
-        tracker.message(f"step {step}: eval accuracy {metrics['accuracy']:.4f}  f1 {metrics['f1']:.4f}")
-        if cfg.keep_best and (result.best is None or metrics["accuracy"] > result.best["accuracy"]):
-            result.best = record
-            result.best_state = dist.full_state_dict(model)
+        try:
+            return hooks.evaluate()
+        finally:
+            clock.start()
+
+    def save() -> None:
+        clock.pause()
+        state.window = window.tolist()
+        hooks.checkpoint(state)
         clock.start()
 
     clock.start()
-    while step < n_steps:
-        plan = train_steps(data.lengths, cfg.batch_size, cfg.grad_accum, epoch, seed, dist.world,
-                           dist.rank, cfg.group_by_length)[: n_steps - step]
+    while state.step < n_steps:
+        plan = train_steps(data.lengths, cfg.batch_size, cfg.grad_accum, state.epoch, seed, dist.world,
+                           dist.rank, cfg.group_by_length)
+        epoch_len = len(plan)
+        plan = plan[state.step_in_epoch: state.step_in_epoch + n_steps - state.step]
         batches = prefetch([collate(data, idx, pad_id, pad_left) for idx in micro] for micro in plan)
         for micro in batches:
             examples = sum(len(b["labels"]) for b in micro) * dist.world  # in the whole global step
@@ -116,40 +147,54 @@ def train(model, optimizer, scheduler, data: Tokenized, cfg: TrainConfig, precis
                 clock.add(len(mask), int(mask.sum()), mask.numel())
             precision.unscale(optimizer)
             norm = grad_norm_and_clip(params, cfg.max_grad_norm)
-            precision.step(optimizer)
+            # the norm is global (all ranks' gradients), so every rank takes the same branch;
+            # fp16's scaler skips such steps itself
+            if precision.scaler is None and not torch.isfinite(norm):
+                raise StopTraining(f"step {state.step + 1}: loss or gradients are not finite "
+                                   f"(grad norm {float(norm)}); weights were not updated")
+            if not precision.step(optimizer):
+                state.skipped_steps += 1
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
+            state.step += 1
+            state.step_in_epoch += 1
 
-            if step % cfg.log_every == 0 or step == n_steps:
+            if state.step % cfg.log_every == 0 or state.step == n_steps:
                 totals = dist.all_reduce_sum(window.clone())
-                result.final_loss = float(totals[0] / max(totals[1], 1))
+                state.final_loss = float(totals[0] / max(totals[1], 1))
                 rate = clock.summary()
-                tracker.scalars(step, {
-                    "train/loss": result.final_loss, "train/lr": scheduler.get_last_lr()[0],
+                tracker.scalars(state.step, {
+                    "train/loss": state.final_loss, "train/lr": scheduler.get_last_lr()[0],
                     "train/grad_norm": float(norm), "train/samples_per_s": rate["samples_per_s"] * dist.world,
                     "train/tokens_per_s": rate["real_tokens_per_s"] * dist.world,
                     "train/padding_share": rate["padding_share"],
                 })
-                tracker.progress(step - result.steps, loss=result.final_loss,
+                tracker.progress(state.step - logged_at, loss=state.final_loss,
                                  samples_s=rate["samples_per_s"] * dist.world)
-                result.steps = step
+                logged_at = state.step
                 window.zero_()
-            if cfg.eval_every and step % cfg.eval_every == 0:
+            if cfg.eval_every and state.step % cfg.eval_every == 0:
                 run_eval()
-        epoch += 1
+            at_epoch_end = state.step_in_epoch == epoch_len
+            if checkpoint_every and state.step % checkpoint_every == 0 and not at_epoch_end:
+                save()
+            if hooks.stop_requested():
+                save()
+                raise StopTraining(f"stopped by a signal at step {state.step}")
+        state.epoch += 1
+        state.step_in_epoch = 0
         run_eval()  # at each epoch end, and at the last step
+        save()
     clock.pause()
-    result.steps, result.epochs_seen = step, epoch
     rate = clock.summary()
     # each rank counted its own share: the global rate is their sum
     summed = dist.all_reduce_sum(torch.tensor(
         [rate["samples"], rate["samples_per_s"], rate["real_tokens_per_s"], rate["padded_tokens_per_s"]],
         dtype=torch.float64, device=dist.device))
-    result.throughput = {
-        "steps": step, "steps_per_epoch": steps_per_epoch, "train_seconds": rate["train_seconds"],
+    throughput = {
+        "steps": state.step, "steps_per_epoch": steps_per_epoch, "train_seconds": rate["train_seconds"],
         "samples": int(summed[0]), "samples_per_s": float(summed[1]),
         "real_tokens_per_s": float(summed[2]), "padded_tokens_per_s": float(summed[3]),
-        "padding_share": rate["padding_share"],
+        "padding_share": rate["padding_share"], "skipped_steps": state.skipped_steps,
     }
-    return result
+    return state, throughput

@@ -26,6 +26,32 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float(ece)
 
 
+def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over examples of sum_k (p_k - y_k)^2: 0 is perfect, 2 is sure and wrong."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if not len(probs):
+        return 0.0
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(len(labels)), labels] = 1.0
+    return float(((probs - onehot) ** 2).sum(axis=-1).mean())
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> list[dict]:
+    """Per equal-width confidence bin (the bins ECE uses): count, mean confidence, accuracy."""
+    conf = probs.max(axis=-1)
+    correct = probs.argmax(axis=-1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    out = []
+    for b in range(bins):
+        in_bin = which == b
+        n = int(in_bin.sum())
+        out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": n,
+                    "confidence": float(conf[in_bin].mean()) if n else None,
+                    "accuracy": float(correct[in_bin].mean()) if n else None})
+    return out
+
+
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:
     """Accuracy, macro-F1, per-class precision/recall/F1, confusion matrix, mean loss, ECE."""
     logits = np.asarray(logits, dtype=np.float64)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from engine.config import ModelConfig
@@ -24,7 +25,7 @@ def _load(what: str, fn, cfg: ModelConfig, **kwargs):
     where = _location(cfg)
     try:
         return fn(where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         msg = " ".join(str(e).split())[:300]
         raise ModelError(f"{cfg.name_or_path}: cannot load {what} ({e.__class__.__name__}: {msg})") from None
 
@@ -36,14 +37,15 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, label_names: Optional[list[str]] = None, tokenizer=None):
+def load_model(cfg: ModelConfig, label_names: Optional[list[str]] = None, tokenizer=None, **extra):
     """The pretrained body with a classification head sized for `label_names` (None: as saved).
 
-    A head the checkpoint lacks is initialised from torch's RNG: seed before calling.
+    A head the checkpoint lacks is initialised from torch's RNG: seed before calling. `extra` goes
+    to from_pretrained as is (QLoRA's quantization_config, dtype, device_map).
     """
-    kwargs = {}
+    kwargs = dict(extra)
     if label_names is not None:
-        kwargs = dict(
+        kwargs.update(
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
@@ -62,8 +64,14 @@ def label_names_of(model) -> list[str]:
     return [model.config.id2label[i] for i in range(model.config.num_labels)]
 
 
+def _numel(p) -> int:
+    # a 4-bit weight packs several values per stored element: count the values it stands for
+    state = getattr(p, "quant_state", None)
+    return state.shape.numel() if state is not None else p.numel()
+
+
 def param_counts(model) -> dict:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     return {"total_params": total, "trainable_params": trainable,
             "trainable_share": trainable / total if total else 0.0}

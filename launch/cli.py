@@ -22,6 +22,7 @@ def quiet_libraries() -> None:
 def run_main(main) -> None:
     """Run `main()`; bad input -> one line on stderr and exit 2; a crash -> traceback and exit 1."""
     from engine.errors import USER_ERRORS
+    from engine.loop import StopTraining
 
     rank = os.environ.get("RANK")
     who = f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
@@ -32,6 +33,10 @@ def run_main(main) -> None:
         if rank in (None, "0"):  # every rank meets the same bad input: say it once
             print(f"error: {e}", file=sys.stderr, flush=True)
         os._exit(2)  # skip interpreter teardown: never hang on a half-joined process group
+    except StopTraining as e:
+        if rank in (None, "0"):
+            print(f"stopped: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
     except KeyboardInterrupt:
         print(f"{who}interrupted", file=sys.stderr, flush=True)
         os._exit(130)

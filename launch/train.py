@@ -11,7 +11,9 @@ import cli
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a finished run in output_dir")
+    parser.add_argument("--overwrite", action="store_true", help="start over, deleting a run in output_dir")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="continue from the latest checkpoint in output_dir (auto) or from PATH")
     parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.lr=3e-5")
     args = parser.parse_args()
 
@@ -19,7 +21,7 @@ def main() -> int:
     from engine.finetune import finetune, summary_table
 
     recipe = load_recipe(args.recipe, args.overrides)
-    report = finetune(recipe, overwrite=args.overwrite)
+    report = finetune(recipe, overwrite=args.overwrite, resume=args.resume)
     if report is not None:
         print(summary_table(report))
         print(f"snapshots: {report['base']['path']}  {report['tuned']['path']}; "

@@ -24,6 +24,20 @@ def tiny_bert(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_dropout(tmp_path_factory) -> str:
+    """With dropout on: a resumed run only matches if the RNG state came back too."""
+    return tiny.make_model(tmp_path_factory.mktemp("bert_dropout"), "bert", dropout=True)
+
+
+FAULTS = Path(__file__).resolve().parent / "faults"
+
+
+def faults(**kw) -> dict:
+    """Environment that makes the run misbehave as tests/faults/sitecustomize.py describes."""
+    return {"PYTHONPATH": str(FAULTS), **{f"FAULT_{k.upper()}": str(v) for k, v in kw.items()}}
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> str:
     return tiny.make_data(tmp_path_factory.mktemp("data"), n_train=192, n_test=33)
 

@@ -44,17 +44,33 @@ def make_tokenizer():
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
+# the width keys of each architecture: (hidden, feed-forward)
+WIDTH_KEYS = {"bert": ("hidden_size", "intermediate_size"), "distilbert": ("dim", "hidden_dim"),
+              "roberta": ("hidden_size", "intermediate_size")}
+
+
 def make_model(folder, arch: str = "bert", num_labels: int = 2, dropout: bool = False, seed: int = 0,
-               id2label: dict | None = None) -> str:
+               id2label: dict | None = None, hidden: int | None = None, vocab_size: int | None = None,
+               init_range: float | None = None) -> str:
+    """`hidden` widens the model (feed-forward 2x; bitsandbytes' 4-bit CPU kernels need widths that
+    are multiples of 64); `vocab_size` adds embedding rows no token uses, so the body outweighs the
+    head and adapters as in a real model; `init_range` (std of the random weights, transformers'
+    default 0.02) above ~0.1 gives a frozen random body attention that mixes the words, so that
+    adapters alone can learn the task."""
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     tokenizer = make_tokenizer()
     spec = dict(ARCH[arch])
-    kw = {} if dropout else NO_DROPOUT[arch]
+    if hidden:
+        spec.update(zip(WIDTH_KEYS[arch], (hidden, 2 * hidden)))
+    kw = {} if dropout else dict(NO_DROPOUT[arch])  # a copy: the updates below must not leak
+    if init_range:
+        kw["initializer_range"] = init_range
     if id2label:
         kw.update(id2label=id2label, label2id={v: k for k, v in id2label.items()})
-    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tokenizer), num_labels=num_labels,
+    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=max(vocab_size or 0, len(tokenizer)),
+                                  num_labels=num_labels,
                                   pad_token_id=tokenizer.pad_token_id, **spec, **kw)
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(config)

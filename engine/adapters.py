@@ -1,0 +1,203 @@
+"""LoRA and QLoRA: which layers get adapters, which head trains, 4-bit loading, and the exports.
+
+PEFT changes the model, never the loop: `attach` returns a model whose only trainable parameters
+are the low-rank adapters and the classification head, and the loop trains it like any other.
+`export` then writes `adapter/` (PEFT's format) and `tuned/` (the adapter merged into the
+full-precision base/, loadable by `pipeline()` like any tuned snapshot).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine import checkpoint, modeling
+from engine.config import Recipe
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# the layers that get adapters when peft.target_modules is not set
+DEFAULT_TARGETS = {
+    "distilbert": ["q_lin", "v_lin"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+}
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# bitsandbytes' NF4 block: its CPU kernels need the input width of every 4-bit layer to be a multiple
+NF4_BLOCK = 64
+
+
+class AdapterError(ValueError):
+    """A LoRA / QLoRA setup that cannot work (missing layers, missing library); one line."""
+
+
+# --------------------------------------------------------------------------------------------
+# What trains
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """The classification head: every child of the classifier that is not its pretrained body.
+
+    transformers builds `XForSequenceClassification` as the body (`base_model_prefix`) plus head
+    modules beside it, so this finds DistilBERT's `pre_classifier` + `classifier`, BERT's
+    `classifier` and RoBERTa's `classifier` (dense + out_proj) without a per-architecture list.
+    """
+    body = getattr(model, "base_model_prefix", "")
+    heads = [name for name, child in model.named_children()
+             if name != body and any(True for _ in child.parameters())]
+    if not heads:
+        raise AdapterError(f"{type(model).__name__}: no classification head found beside the body "
+                           f"'{body}'; LoRA needs a head to train")
+    return heads
+
+
+def target_modules(model: nn.Module, wanted: list[str] | None) -> list[str] | str:
+    if wanted:
+        return list(wanted)
+    return DEFAULT_TARGETS.get(model.config.model_type, "all-linear")
+
+
+def lora_config(model: nn.Module, recipe: Recipe):
+    from peft import LoraConfig
+
+    cfg = recipe.peft
+    head = head_modules(model)
+    return LoraConfig(
+        task_type="SEQ_CLS", r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+        target_modules=target_modules(model, cfg.target_modules),
+        # the head is trained whole and saved with the adapter: reloading never brings back the
+        # random head that from_pretrained would initialise
+        modules_to_save=head,
+        # "all-linear" or a broad name ("dense") would otherwise put LoRA inside the head too
+        exclude_modules=head,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Building the model that trains
+
+
+def quantization_config(precision: str, strategy: str, head: list[str]):
+    from transformers import BitsAndBytesConfig
+
+    compute = COMPUTE_DTYPES[precision]
+    extra = {}
+    if strategy == "fsdp":
+        # FSDP shards and casts floating-point parameters only: store the packed 4-bit data in the
+        # dtype FSDP computes in, so sharding and its mixed-precision cast leave the bits intact
+        extra["bnb_4bit_quant_storage"] = compute
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        # the head trains in full precision: a 4-bit weight cannot require gradients
+        llm_int8_skip_modules=head, **extra)
+
+
+def load_quantized(folder: str | Path, recipe: Recipe, head: list[str], device: torch.device):
+    """The classifier saved in `folder` (base/), its linear layers quantised to 4-bit NF4."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise AdapterError("peft.method=qlora needs bitsandbytes: pip install bitsandbytes") from None
+    mcfg = dataclasses.replace(recipe.model, name_or_path=str(folder), revision=None)
+    model = modeling.load_model(
+        mcfg, quantization_config=quantization_config(recipe.train.precision, recipe.distributed.strategy, head),
+        dtype=torch.float32, device_map={"": device})
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            if device.type == "cpu" and module.in_features % NF4_BLOCK:
+                raise AdapterError(f"{recipe.model.name_or_path}: layer '{name}' has {module.in_features} "
+                                   f"inputs; bitsandbytes' CPU 4-bit kernels need a multiple of {NF4_BLOCK}")
+            # with this set, an eval forward on an AVX512-BF16 CPU repacks the weight in place into
+            # an inference-only layout; the next training forward then fails (or, worse, passes no
+            # gradient through the layer). Train and eval must run the same kernel.
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def attach(model: nn.Module, recipe: Recipe, base_dir: str | Path, dist) -> nn.Module:
+    """The model to train: LoRA on `model` itself, or QLoRA on a 4-bit copy of base/.
+
+    For QLoRA base/ must already be on disk (rank 0 writes it; every rank reads it): quantising
+    exactly that snapshot gives the 4-bit model the same head initialisation and weights.
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    method = recipe.peft.method
+    head = head_modules(model)
+    if method == "qlora":
+        dist.barrier()
+        model = load_quantized(base_dir, recipe, head, dist.device)
+        # freezes the body and keeps the non-quantised weights in fp32; gradient checkpointing
+        # off: it trades ~30% speed for activation memory, which these classifiers do not need
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    try:
+        peft_model = get_peft_model(model, lora_config(model, recipe))
+    except ValueError as e:
+        raise AdapterError(f"{recipe.model.name_or_path}: cannot attach LoRA "
+                           f"({' '.join(str(e).split())[:300]})") from None
+    check_trainable(peft_model, head)
+    return peft_model
+
+
+def check_trainable(peft_model: nn.Module, head: list[str]) -> None:
+    """Only LoRA factors and the head train; anything else means the names matched too much."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    wrapped = {name.removeprefix("base_model.model.") for name, m in peft_model.named_modules()
+               if isinstance(m, ModulesToSaveWrapper)}
+    if wrapped != set(head):
+        raise AdapterError(f"the trained-and-saved modules {sorted(wrapped)} are not exactly the "
+                           f"classification head {head}")
+    if not any("lora_" in name for name, _ in peft_model.named_parameters()):
+        raise AdapterError("LoRA matched no layer: check peft.target_modules")
+
+
+# --------------------------------------------------------------------------------------------
+# Exports (rank 0)
+
+
+def export(trained: nn.Module, state: dict, out: str | Path, tokenizer, recipe: Recipe) -> dict:
+    """Write `adapter/` and the merged `tuned/` from the trained weights in `state`.
+
+    The adapter is put on base/ reloaded in full precision, not on the model that trained: that
+    is the same for LoRA, and for QLoRA it is the only way to a full-precision merge (merging into
+    4-bit layers keeps them 4-bit). It also proves the adapter loads onto base/.
+    """
+    from peft import get_peft_model
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    out = Path(out)
+    trained = getattr(trained, "_orig_mod", trained)  # torch.compile
+    config = copy.deepcopy(trained.peft_config["default"])
+    config.inference_mode = False
+    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+
+    mcfg = dataclasses.replace(recipe.model, name_or_path=str(out / "base"), revision=None)
+    fresh = get_peft_model(modeling.load_model(mcfg, dtype=torch.float32), config)
+    adapter_state = get_peft_model_state_dict(fresh, state_dict=state)
+    expected = get_peft_model_state_dict(fresh)
+    if set(adapter_state) != set(expected):
+        missing = sorted(set(expected) - set(adapter_state))[:3]
+        raise RuntimeError(f"trained state lacks adapter weights, e.g. {missing}")
+    loaded = set_peft_model_state_dict(fresh, adapter_state)
+    if loaded.unexpected_keys:
+        raise RuntimeError(f"adapter weights the model does not have: {loaded.unexpected_keys[:3]}")
+
+    final = out / "adapter"
+    tmp = checkpoint.atomic_dir(final)
+    try:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        checkpoint.commit_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    merged = fresh.merge_and_unload()
+    tuned_sha = checkpoint.save_snapshot(merged, tokenizer, out / "tuned")
+    return {"adapter_sha256": checkpoint.file_sha256(final / ADAPTER_WEIGHTS), "tuned_sha256": tuned_sha,
+            "target_modules": sorted(config.target_modules) if not isinstance(config.target_modules, str)
+            else config.target_modules,
+            "modules_to_save": sorted(config.modules_to_save or [])}
