@@ -164,6 +164,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), schema: type
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise RecipeError(f"{where}: not valid YAML ({_one_line(e)})") from None
+        except RecursionError:
+            raise RecipeError(f"{where}: not valid YAML (nested too deeply)") from None
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
@@ -177,7 +179,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), schema: type
         except yaml.YAMLError:
             parsed = value
         _set_dotted(raw, key.strip(), parsed, f"override '{item}'")
-    return _build(schema, raw, "", where, schema)
+    try:
+        return _build(schema, raw, "", where, schema)
+    except RecursionError:  # a self-referencing YAML alias
+        raise RecipeError(f"{where}: a value refers to itself") from None
 
 
 def to_dict(recipe) -> dict:

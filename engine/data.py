@@ -239,6 +239,9 @@ def _read_text_label_pair(path: Path, split: str, cfg: DataConfig):
 def _label_ids(raw: RawSplit, cfg: DataConfig, names: Optional[list[str]]):
     """Map stored labels to class ids; returns (class names, ids)."""
     values, rows, column = raw.labels, raw.rows, raw.column
+    for v, row in zip(values, rows):
+        if v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and not v.strip()):
+            raise DataError(f"{raw.origin}: row {row}, column '{column}': missing label")
     names = names or cfg.label_names or raw.label_names
     as_int = [_as_int(v) for v in values]
     if all(v is not None for v in as_int):
@@ -253,6 +256,9 @@ def _label_ids(raw: RawSplit, cfg: DataConfig, names: Optional[list[str]]):
     strings = [str(v).strip() for v in values]
     if names is None:
         names = sorted(set(strings))
+        if len(names) < 2:
+            raise DataError(f"{raw.origin}: column '{column}' holds one class only ({names[0]!r}); "
+                            f"list the classes in data.label_names")
     index = {n.lower(): i for i, n in enumerate(names)}
     ids = []
     for v, row in zip(strings, rows):

@@ -151,6 +151,18 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return best
 
 
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
+    """torchrun's store, with a key prefix per restart attempt.
+
+    After an elastic restart torchrun hands the new workers the same store, which still holds the
+    dead attempt's gloo addresses; without a fresh prefix the new ranks dial those and fail.
+    """
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                           is_master=not agent_hosts_it and rank == 0, timeout=timeout)
+    return tdist.PrefixStore(f"engine/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init(cfg: DistributedConfig, num_threads: Optional[int] = None) -> Dist:
     """Join torchrun's process group (or a one-process group when a strategy runs without it)."""
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -177,7 +189,8 @@ def init(cfg: DistributedConfig, num_threads: Optional[int] = None) -> Dist:
     backend = cfg.backend or ("nccl" if cuda else "gloo")
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     if "WORLD_SIZE" in os.environ:
-        tdist.init_process_group(backend, timeout=timeout, device_id=device if cuda else None)
+        tdist.init_process_group(backend, store=_attempt_store(rank, env_world, timeout), rank=rank,
+                                 world_size=env_world, timeout=timeout, device_id=device if cuda else None)
     else:  # `python launch/train.py distributed.strategy=ddp`: a group of one, no torchrun needed
         tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1, timeout=timeout)
     if cfg.strategy == "fsdp":

@@ -52,7 +52,13 @@ def load_model(cfg: ModelConfig, label_names: Optional[list[str]] = None, tokeni
         )
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    model = _load("model", AutoModelForSequenceClassification.from_pretrained, cfg, **kwargs)
+    try:
+        model = _load("model", AutoModelForSequenceClassification.from_pretrained, cfg, **kwargs)
+    except RuntimeError as e:
+        if "mismatched" not in str(e):
+            raise
+        raise ModelError(f"{cfg.name_or_path}: its classification head does not fit the "
+                         f"{len(label_names)} classes of the data ({', '.join(label_names)})") from None
     if label_names is None and model.config.num_labels < 2:
         raise ModelError(f"{cfg.name_or_path}: not a classifier (config has {model.config.num_labels} label)")
     if tokenizer is not None and model.config.pad_token_id is None:

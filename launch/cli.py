@@ -17,6 +17,7 @@ def quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # its load reports would bury our one-line errors
 
 
 def run_main(main) -> None:
