@@ -27,6 +27,7 @@ class ModelConfig:
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless asked for
     attn_implementation: Optional[str] = "sdpa"  # sdpa | eager | None (transformers' default)
+    gguf_file: Optional[str] = None  # a .gguf file inside name_or_path: de-quantised on load
 
 
 @dataclass
@@ -67,6 +68,7 @@ class TrainConfig:
     log_every: int = 10  # steps between logged scalars
     num_threads: Optional[int] = None  # torch threads per process (default: cores / processes)
     compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% slower
 
 
 @dataclass

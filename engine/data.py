@@ -412,11 +412,19 @@ def collate(data: Tokenized, idx: np.ndarray, pad_id: int, pad_left: bool = Fals
             input_ids[row, width - len(s):], mask[row, width - len(s):] = s, 1
         else:
             input_ids[row, :len(s)], mask[row, :len(s)] = s, 1
-    return {
+    batch = {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(mask),
         "labels": torch.from_numpy(data.labels[idx]),
     }
+    if pad_left:  # positions count from the first real token, as they would without padding
+        batch["position_ids"] = torch.from_numpy(np.clip(mask.cumsum(axis=1) - 1, 0, None))
+    return batch
+
+
+def model_inputs(batch: dict, device) -> dict:
+    """The tensors the model's forward takes (all but labels), on `device`."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
 
 
 def prefetch(batches: Iterator, depth: int = 2) -> Iterator:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.data import Tokenized, collate, eval_batches
+from engine.data import Tokenized, collate, eval_batches, model_inputs
 from engine.metrics import classification_metrics
 
 
@@ -28,8 +28,7 @@ def predict(model, data: Tokenized, batch_size: int, precision, dist, pad_id: in
         idx = mine[r] if r < len(mine) else np.arange(1)  # a spare forward, thrown away
         batch = collate(data, idx, pad_id, pad_left)
         with precision.autocast():
-            logits = forward(input_ids=batch["input_ids"].to(dist.device),
-                             attention_mask=batch["attention_mask"].to(dist.device)).logits
+            logits = forward(**model_inputs(batch, dist.device)).logits
         if r < len(mine):
             indices.append(idx)
             chunks.append(logits.float().cpu().numpy())

@@ -60,6 +60,8 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     # the base snapshot: fine-tuning overwrites the weights in place, so keep them first
     if dist.is_main and not saved:
         checkpoint.save_snapshot(model, tokenizer, out / "base")
+    if train_cfg.activation_checkpointing:
+        modeling.enable_activation_checkpointing(model)
     peft = recipe.peft.method
     if peft != "none":  # the adapters go on after base/ is saved: base/ stays the plain model
         model = adapters.attach(model, recipe, out / "base", dist)

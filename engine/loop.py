@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import TrainConfig
-from engine.data import Tokenized, collate, prefetch, train_steps
+from engine.data import Tokenized, collate, model_inputs, prefetch, train_steps
 from engine.metrics import Throughput
 
 
@@ -132,18 +132,17 @@ def train(model, optimizer, scheduler, data: Tokenized, cfg: TrainConfig, precis
         for micro in batches:
             examples = sum(len(b["labels"]) for b in micro) * dist.world  # in the whole global step
             for m, batch in enumerate(micro):
-                batch = {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()}
+                labels = batch["labels"].to(dist.device, non_blocking=True)
                 with dist.grad_sync(model, sync=m == len(micro) - 1):
                     with precision.autocast():
-                        logits = model(input_ids=batch["input_ids"],
-                                       attention_mask=batch["attention_mask"]).logits
-                    loss_sum = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+                        logits = model(**model_inputs(batch, dist.device)).logits
+                    loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
                     # sum over every example of the global step / their count; DDP and FSDP
                     # average gradients over ranks, hence the factor world
                     precision.backward(loss_sum * (dist.world / examples))
                 window[0] += loss_sum.detach()
-                window[1] += len(batch["labels"])
-                mask = micro[m]["attention_mask"]
+                window[1] += len(labels)
+                mask = batch["attention_mask"]
                 clock.add(len(mask), int(mask.sum()), mask.numel())
             precision.unscale(optimizer)
             norm = grad_norm_and_clip(params, cfg.max_grad_norm)

@@ -23,6 +23,8 @@ def _location(cfg: ModelConfig) -> str:
 
 def _load(what: str, fn, cfg: ModelConfig, **kwargs):
     where = _location(cfg)
+    if cfg.gguf_file:  # a quantised community checkpoint; transformers de-quantises it
+        kwargs["gguf_file"] = cfg.gguf_file
     try:
         return fn(where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
     except (OSError, ValueError, KeyError, SafetensorError) as e:
@@ -64,6 +66,18 @@ def load_model(cfg: ModelConfig, label_names: Optional[list[str]] = None, tokeni
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each block's activations during backward instead of keeping them."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(f"{type(model).__name__} does not support activation checkpointing")
+    # non-reentrant: works with frozen inputs (LoRA), DDP and FSDP without extra hooks
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def label_names_of(model) -> list[str]:

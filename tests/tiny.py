@@ -23,6 +23,14 @@ ARCH = {
     "roberta": dict(model_type="roberta", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                     intermediate_size=64, max_position_embeddings=130),
 }
+DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=1, max_position_embeddings=128)
+ARCH.update({
+    "llama": dict(model_type="llama", **DECODER),
+    "qwen2": dict(model_type="qwen2", **DECODER),
+    "gemma3": dict(model_type="gemma3_text", head_dim=16, sliding_window=16, **DECODER),
+})
+DECODERS = ("llama", "qwen2", "gemma3")  # no dropout by default: nothing to switch off
 NO_DROPOUT = {
     "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0),
     "distilbert": dict(dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0),
@@ -44,9 +52,23 @@ def make_tokenizer():
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
+def make_bpe_tokenizer():
+    """A byte-level BPE tokenizer: transformers rebuilds Qwen2's tokenizer from vocab and merges,
+    which a word-level one does not survive."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    words = POSITIVE + NEGATIVE + FILLER
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(words)] * 10 + words, vocab_size=400, min_frequency=1,
+                            special_tokens=["<|endoftext|>", "<pad>"], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>", eos_token="<|endoftext|>")
+
+
 # the width keys of each architecture: (hidden, feed-forward)
 WIDTH_KEYS = {"bert": ("hidden_size", "intermediate_size"), "distilbert": ("dim", "hidden_dim"),
-              "roberta": ("hidden_size", "intermediate_size")}
+              "roberta": ("hidden_size", "intermediate_size"),
+              **{d: ("hidden_size", "intermediate_size") for d in ("llama", "qwen2", "gemma3")}}
 
 
 def make_model(folder, arch: str = "bert", num_labels: int = 2, dropout: bool = False, seed: int = 0,
@@ -60,11 +82,11 @@ def make_model(folder, arch: str = "bert", num_labels: int = 2, dropout: bool = 
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    tokenizer = make_tokenizer()
+    tokenizer = make_bpe_tokenizer() if arch == "qwen2" else make_tokenizer()
     spec = dict(ARCH[arch])
     if hidden:
         spec.update(zip(WIDTH_KEYS[arch], (hidden, 2 * hidden)))
-    kw = {} if dropout else dict(NO_DROPOUT[arch])  # a copy: the updates below must not leak
+    kw = {} if dropout or arch in DECODERS else dict(NO_DROPOUT[arch])  # a copy: the updates below must not leak
     if init_range:
         kw["initializer_range"] = init_range
     if id2label:

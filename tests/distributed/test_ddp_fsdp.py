@@ -139,3 +139,16 @@ def test_bad_combinations_stop_before_work_with_one_line(tiny_bert, tiny_data, t
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], p.stderr[-2000:]
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_decoder_with_activation_checkpointing_matches_one_process(tiny_data, tmp_path, strategy):
+    import tiny
+    llama = tiny.make_model(tmp_path / "llama", "llama")
+    ref, dist = tmp_path / "ref", tmp_path / strategy
+    extra = ("train.activation_checkpointing=true",)
+    p = run_cli("launch/train.py", *_args(llama, tiny_data, ref, "train.batch_size=8", *extra))
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_torchrun(2, *_args(llama, tiny_data, dist, "train.batch_size=4", f"distributed.strategy={strategy}", *extra))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _losses(dist) == pytest.approx(_losses(ref), abs=1e-5)
