@@ -1,0 +1,212 @@
+"""The baseline: the Hugging Face Trainer as in the blog "Getting Started with Sentiment Analysis using Python".
+
+    python benchmarks/trainer_baseline.py --settings settings.json --out DIR
+    torchrun --standalone --nproc_per_node=N benchmarks/trainer_baseline.py ...   (DDP, as the Trainer does it)
+
+benchmarks/run.py writes settings.json; this script is the blog's recipe step by step
+(AutoTokenizer -> tokenize with truncation -> DataCollatorWithPadding -> AutoModelFor-
+SequenceClassification -> TrainingArguments(lr, batch, epochs, weight_decay=0.01) -> Trainer.train()),
+with what a benchmark needs and the blog does not do:
+  - the same examples as the engine's run: the data is selected by the engine's own loader from the
+    same data.* overrides (same seed, same subsets), then handed to the Trainer as a datasets.Dataset;
+  - truncation at the matrix's max_length (the blog truncates at the model's maximum);
+  - no checkpoint saves and no hub push (the blog's save_strategy="epoch", push_to_hub=True);
+  - `tokenizer=` is `processing_class=` in transformers 5; `load_metric` is gone, so accuracy and
+    F1 come from engine.metrics (the engine's own definitions: macro-F1);
+  - observers that change nothing the Trainer does: a callback timing each optimizer step (evaluation
+    excluded), and a wrapper around the collator counting real and padded tokens per batch.
+Writes DIR/bench.json: the step timeline, evaluations, parameter counts and peak CUDA memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+class Counting:
+    """The collator, unchanged, plus a tally of each training batch's examples and tokens."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.training = True
+        self.batches = []  # (samples, real tokens, padded tokens), in the order the Trainer asks
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        if self.training:
+            mask = batch["attention_mask"]
+            self.batches.append((int(mask.shape[0]), int(mask.sum()), int(mask.numel())))
+        return batch
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    s = json.loads(Path(args.settings).read_text())
+    out = Path(args.out)
+
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                              Trainer, TrainerCallback, TrainingArguments)
+
+    from engine.config import load_recipe
+    from engine.data import load_splits
+    from engine.metrics import classification_metrics
+    from engine.paths import resolve
+
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    recipe = load_recipe(None, s["data_overrides"])  # the engine's selection of the same examples
+    splits = load_splits(recipe.data, recipe.seed)
+    label_names = splits.label_names
+    model_path = resolve(s["model"])
+
+    # --- the blog's recipe ---------------------------------------------------------------
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train = Dataset.from_dict({"text": splits.train.texts, "label": splits.train.labels.tolist()})
+    test = Dataset.from_dict({"text": splits.eval.texts, "label": splits.eval.labels.tolist()})
+
+    def preprocess_function(examples):
+        return tokenizer(examples["text"], truncation=True, max_length=s["max_length"])
+
+    tokenized_train = train.map(preprocess_function, batched=True)
+    tokenized_test = test.map(preprocess_function, batched=True)
+    data_collator = Counting(DataCollatorWithPadding(tokenizer=tokenizer))
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=len(label_names))
+
+    def compute_metrics(eval_pred):
+        logits, labels = eval_pred
+        m = classification_metrics(np.asarray(logits), np.asarray(labels), label_names)
+        return {"accuracy": m["accuracy"], "f1": m["f1"]}
+
+    per_device = s["batch_size"] // s["nproc"]
+    kwargs = dict(output_dir=str(out / "trainer"), learning_rate=s["lr"], per_device_train_batch_size=per_device,
+                  per_device_eval_batch_size=per_device, weight_decay=0.01, save_strategy="no",
+                  gradient_accumulation_steps=s["grad_accum"], seed=s["seed"])
+    if s["steps"]:
+        kwargs["max_steps"] = s["steps"]
+    else:
+        kwargs["num_train_epochs"] = s["epochs"]
+    # the Trainer's own levers, as a user of it would turn them on
+    if not torch.cuda.is_available():
+        kwargs["use_cpu"] = True  # else bf16=True stops with "Your setup doesn't support bf16/gpu"
+    if s["precision"] == "bf16":
+        kwargs["bf16"] = True
+    elif s["precision"] == "fp16":
+        kwargs["fp16"] = True
+    if s["group_by_length"]:
+        kwargs["train_sampling_strategy"] = "group_by_length"  # transformers 5: was group_by_length=True
+    if s["compile"]:
+        kwargs["torch_compile"] = True
+    if s["eval_every"] and s["epochs"]:
+        kwargs.update(eval_strategy="steps", eval_steps=s["eval_every"])
+    kwargs.update(s.get("trainer_args") or {})
+    training_args = TrainingArguments(**kwargs)
+
+    clock = StepClock()
+    trainer = Trainer(model=model, args=training_args, train_dataset=tokenized_train, eval_dataset=tokenized_test,
+                      processing_class=tokenizer, data_collator=data_collator, compute_metrics=compute_metrics,
+                      callbacks=[clock.callback(TrainerCallback)])
+    evaluate = trainer.evaluate
+
+    def timed_evaluate(*a, **kw):  # evaluation is not training: its time leaves the clock
+        data_collator.training = False
+        started = time.perf_counter()
+        try:
+            return evaluate(*a, **kw)
+        finally:
+            clock.excluded += time.perf_counter() - started
+            data_collator.training = True
+
+    trainer.evaluate = timed_evaluate
+    trainer.train()
+    # ------------------------------------------------------------------------------------
+
+    final = None
+    if s["epochs"]:  # trained to the end: the blog's trainer.evaluate()
+        final = trainer.evaluate()
+    timeline = clock.timeline(data_collator.batches, s["grad_accum"], world)
+    # each rank counted its own batches: scale rank 0's tally to the sum over ranks
+    mine = np.array([sum(b[i] for b in data_collator.batches) for i in range(3)], dtype=np.float64)
+    total = mine.copy()
+    if world > 1 and torch.distributed.is_initialized():
+        t = torch.tensor(mine)
+        torch.distributed.all_reduce(t)
+        total = t.numpy()
+    cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    if world > 1 and torch.distributed.is_initialized() and cuda_peak is not None:
+        p = torch.tensor([float(cuda_peak)], device="cuda")
+        torch.distributed.all_reduce(p, op=torch.distributed.ReduceOp.MAX)
+        cuda_peak = int(p.item())
+    if rank == 0:
+        report = {
+            "timeline": timeline, "world": world,
+            "token_factor": [float(total[i] / (mine[i] * world)) if mine[i] else 1.0 for i in (1, 2)],
+            "evals": clock.evals,
+            "final": {k: final.get(f"eval_{k}") for k in ("accuracy", "f1", "loss")} if final else None,
+            "params": {"total_params": sum(p.numel() for p in model.parameters()),
+                       "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)},
+            "cuda_peak_bytes": cuda_peak, "threads": torch.get_num_threads(),
+            "train_n": len(tokenized_train), "eval_n": len(tokenized_test),
+            "training_args": {k: v for k, v in kwargs.items() if k != "output_dir"},
+        }
+        tmp = out / "bench.json.tmp"
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, out / "bench.json")
+        print(f"trainer: {clock.steps[-1][0] if clock.steps else 0} steps; final {report['final']}")
+    return 0
+
+
+class StepClock:
+    """Training-time clock at each optimizer step's end, evaluation time taken out."""
+
+    def __init__(self):
+        self.start = None
+        self.excluded = 0.0
+        self.steps = []  # (global step, training seconds)
+        self.evals = []  # {"step", "t", "accuracy", "f1"}
+
+    def now(self) -> float:
+        return time.perf_counter() - self.start - self.excluded
+
+    def callback(self, base):
+        clock = self
+
+        class Clock(base):
+            def on_train_begin(self, args, state, control, **kw):
+                clock.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                clock.steps.append((state.global_step, clock.now()))
+
+            def on_evaluate(self, args, state, control, metrics=None, **kw):
+                if clock.start is not None and metrics:
+                    # evals run right after a step's end: its clock reading is theirs
+                    t = clock.steps[-1][1] if clock.steps else 0.0
+                    clock.evals.append({"step": state.global_step, "t": t,
+                                        "accuracy": metrics.get("eval_accuracy"), "f1": metrics.get("eval_f1")})
+        return Clock()
+
+    def timeline(self, batches: list, grad_accum: int, world: int) -> list:
+        """[step, seconds, samples, real tokens, padded tokens] cumulative, the whole job's (x world)."""
+        rows = [[0, 0.0, 0, 0, 0]]
+        for step, t in self.steps:
+            taken = batches[: step * grad_accum]  # the loader runs ahead: count only what was trained
+            rows.append([step, t] + [sum(b[i] for b in taken) * world for i in range(3)])
+        return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())

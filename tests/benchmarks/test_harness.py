@@ -1,0 +1,274 @@
+"""The benchmark harness: FLOP count, load reading, timing from the engine's log, matrices, a smoke run."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of scripts at the root, not installed
+
+from benchmarks import measure  # noqa: E402
+from benchmarks.matrix import MatrixError, load_matrix  # noqa: E402
+from conftest import run_cli  # noqa: E402
+
+import tiny  # noqa: E402
+
+MATRICES = ROOT / "benchmarks" / "matrices"
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def test_flops_per_token_is_6n_plus_attention():
+    # 6 x 1M weights + 12 x 2 layers x 64 hidden x 100 tokens
+    assert measure.flops_per_token(1_000_000, 2, 64, 100) == 6_000_000 + 153_600
+    assert measure.flops_per_token(10, 1, 1, 0) == 60
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_model_shape_counts_everything_but_embeddings(tmp_path, arch):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    folder = tiny.make_model(tmp_path / arch, arch)
+    shape = measure.model_shape(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    embeddings = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
+    assert shape.total_params == sum(p.numel() for p in model.parameters())
+    assert shape.non_embedding_params == shape.total_params - embeddings > 0
+    assert (shape.layers, shape.hidden) == (2, 32)  # DistilBERT's n_layers/dim read through the same names
+
+
+def test_datasheet_peak_knows_h100_variants():
+    assert measure.datasheet_peak("NVIDIA H100 80GB HBM3")["bf16"] == 989e12
+    assert measure.datasheet_peak("NVIDIA H100 PCIe")["bf16"] == 756e12
+    assert measure.datasheet_peak("Some Future GPU") is None
+    assert measure.datasheet_peak(None) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Load from /proc/stat
+
+STAT_BEFORE = """cpu  500 0 100 1000 0 0 0 0 0 0
+cpu0 100 0 50 500 10 0 0 0 0 0
+cpu1 200 5 50 500 10 0 0 0 0 0
+cpu2 999 0 0 0 0 0 0 0 0 0
+intr 12345
+"""
+STAT_AFTER = """cpu  900 0 100 1000 0 0 0 0 0 0
+cpu0 250 0 50 550 10 0 0 0 0 0
+cpu1 300 5 60 590 10 0 0 10 0 0
+cpu2 5000 0 0 0 0 0 0 0 0 0
+"""
+
+
+def test_parse_proc_stat_sums_the_chosen_cpus():
+    t = measure.parse_proc_stat(STAT_BEFORE, {0, 1})
+    assert (t.busy, t.cpus) == (100 + 50 + 200 + 5 + 50, 2)
+    assert t.total == t.busy + 500 + 10 + 500 + 10
+    assert measure.parse_proc_stat(STAT_BEFORE).cpus == 3
+    with pytest.raises(ValueError):
+        measure.parse_proc_stat("intr 1\n")
+
+
+def test_outside_load_is_machine_busy_minus_our_own_cpu():
+    before, after = (measure.parse_proc_stat(x, {0, 1}) for x in (STAT_BEFORE, STAT_AFTER))
+    # busy grew by 150 (cpu0) + 100 + 10 + 10 steal (cpu1) = 270 ticks = 2.7 s at 100 Hz, over 2 s;
+    # our tree used 1.5 s of it
+    load = measure.outside_load(before, after, own_cpu_s=1.5, wall_s=2.0, ticks=100)
+    assert load["machine_busy_cores"] == pytest.approx(1.35)
+    assert load["outside_cores"] == pytest.approx(0.6)
+    assert load["own_cores"] == pytest.approx(0.75)
+    # our own accounting can exceed the jiffies (rounding): outside load never goes negative
+    assert measure.outside_load(before, after, own_cpu_s=5, wall_s=2.0, ticks=100)["outside_cores"] == 0
+
+
+def test_read_cpu_times_covers_the_usable_cpus():
+    t = measure.read_cpu_times()
+    if t is None:
+        pytest.skip("no /proc/stat here")
+    assert t.cpus == len(measure.usable_cpus()) and t.total >= t.busy > 0
+
+
+def test_tree_rss_sums_children(tmp_path):
+    import os
+    import subprocess
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        import time
+        time.sleep(0.3)
+        assert child.pid in measure.tree_pids(os.getpid())
+        assert measure.tree_rss_bytes(os.getpid()) > measure.tree_rss_bytes(child.pid) > 0
+    finally:
+        child.kill()
+        child.wait()
+
+
+# --------------------------------------------------------------------------------------------
+# Timing read back from the engine's log
+
+
+def test_engine_timeline_recovers_the_clock_from_cumulative_rates(tmp_path):
+    from benchmarks.run import engine_timeline, timed
+
+    # a run of batch 8: steps take 1, 1, 2, 2 s; 60 real of 80 padded tokens per step
+    clock = [1.0, 2.0, 4.0, 6.0]
+    lines = []
+    for step, t in enumerate(clock, 1):
+        lines.append(json.dumps({"step": step, "train/samples_per_s": 8 * step / t,
+                                 "train/tokens_per_s": 60 * step / t, "train/padding_share": 0.25}))
+    lines.insert(2, json.dumps({"step": 2, "eval/accuracy": 0.7}))  # eval lines carry no rate
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
+    scenario = {"batch_size": 8, "grad_accum": 1, "nproc": 1}
+    line = engine_timeline(tmp_path, scenario, {})
+    assert [r[1] for r in line] == pytest.approx([0.0] + clock)
+    out = timed(line, warmup=2)  # steps 3 and 4 are timed: 16 samples in 4 s
+    assert out["samples_per_s"] == pytest.approx(4.0)
+    assert out["real_tokens_per_s"] == pytest.approx(30.0)
+    assert out["padded_tokens_per_s"] == pytest.approx(40.0)
+    assert out["step_times"] == pytest.approx([2.0, 2.0])
+    assert out["mean_real_len"] == pytest.approx(60 / 8)
+    with pytest.raises(ValueError, match="no timed steps"):
+        timed(line, warmup=4)
+
+
+# --------------------------------------------------------------------------------------------
+# Matrices
+
+
+def write_matrix(tmp_path, text: str) -> Path:
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+settings: {model: {build: tiny-bert}, data: {synthetic: {train: 64}}, steps: 5}
+axes:
+  precision: [fp32, bf16]
+  parallel: [{strategy: none, nproc: 1}, {strategy: ddp, nproc: 2}]
+exclude: [{strategy: ddp, precision: bf16}]
+baseline: trainer
+"""
+
+
+def test_matrix_expands_axes_excludes_and_adds_one_baseline_per_workload(tmp_path):
+    m = load_matrix(write_matrix(tmp_path, GOOD))
+    ids = [s["id"] for s in m["scenarios"]]
+    assert ids == ["engine-none1-full-fp32", "engine-ddp2-full-fp32", "engine-none1-full-bf16", "baseline"]
+    base = m["scenarios"][-1]
+    assert base["is_baseline"] and base["runner"] == "trainer" and base["precision"] == "fp32"
+    assert all(s["baseline_id"] == "baseline" for s in m["scenarios"][:-1])
+    pinned = load_matrix(write_matrix(tmp_path, GOOD), ["precision=bf16", "data.synthetic.train=32"])
+    assert [s["id"] for s in pinned["scenarios"]] == ["engine-none1-full-bf16", "engine-ddp2-full-bf16", "baseline"]
+    assert pinned["scenarios"][0]["data"]["synthetic"]["train"] == 32
+
+
+@pytest.mark.parametrize("text, message", [
+    (GOOD.replace("steps: 5", "steps: 5, epochs: 1"), "exactly one of 'steps' and 'epochs'"),
+    (GOOD.replace("steps: 5", "stesp: 5"), "unknown setting 'stesp'"),
+    (GOOD.replace("precision: [fp32, bf16]", "precision: [fp32, fp8]"), "'precision' must be one of"),
+    (GOOD.replace("axes:", "axis:"), "unknown top-level key 'axis'"),
+    (GOOD.replace("{build: tiny-bert}", "{build: gpt-9}"), "model.build must be one of"),
+    (GOOD.replace("{synthetic: {train: 64}}", "{}"), "exactly one of 'source' and 'synthetic'"),
+    ("[1, 2]", "must be a mapping"),
+    ("settings: {a: [", "not valid YAML"),
+])
+def test_bad_matrix_stops_with_one_line_and_exit_2(tmp_path, text, message):
+    path = write_matrix(tmp_path, text)
+    with pytest.raises(MatrixError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_matrix(path)
+    p = run_cli("benchmarks/run.py", "--matrix", path, "--out", tmp_path / "out", timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("error: ") and message.split("'")[0] in p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["cpu_smoke", "cpu_full", "cpu_accuracy", "gpu"])
+def test_shipped_matrices_load(name):
+    m = load_matrix(MATRICES / f"{name}.yaml")
+    assert m["scenarios"] and len({s["id"] for s in m["scenarios"]}) == len(m["scenarios"])
+
+
+def test_scenarios_that_cannot_run_say_why(tmp_path):
+    from benchmarks.run import Preparer
+
+    m = load_matrix(write_matrix(tmp_path, GOOD), ["nproc=2", "strategy=none"])
+    prep = Preparer(tmp_path, gpus=0)
+    assert "needs ddp or fsdp" in prep.why_not(m["scenarios"][0])
+    m = load_matrix(write_matrix(tmp_path, GOOD), ["batch_size=15", "nproc=2", "strategy=ddp"])
+    assert "does not split evenly" in prep.why_not(m["scenarios"][0])
+    m = load_matrix(write_matrix(tmp_path, GOOD), ["runner=trainer", "method=lora"])
+    assert "full fine-tuning only" in prep.why_not(m["scenarios"][0])
+
+
+# --------------------------------------------------------------------------------------------
+# The smoke matrix, end to end (reduced: one repeat, fp32, full fine-tuning)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "results"
+    work = tmp_path_factory.mktemp("work")
+    p = run_cli("benchmarks/run.py", "--matrix", MATRICES / "cpu_smoke.yaml", "--out", out, "--work", work,
+                "--set", "repeats=1", "--set", "precision=fp32", "--only", "^engine-.*-full-", timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_smoke_records_are_complete_and_sane(smoke):
+    out, res = smoke
+    recs = {r["id"]: r for r in res["records"]}
+    assert set(recs) == {"engine-none1-full-fp32", "engine-ddp2-full-fp32", "baseline"}
+    for r in recs.values():
+        assert r["status"] == "ok", (r["id"], r["status"])
+        assert r["samples_per_s"] > 0 and r["padded_tokens_per_s"] >= r["real_tokens_per_s"] > 0
+        st = r["step_time_s"]
+        assert 0 < st["min"] <= st["median"] <= st["max"] and st["steps"] == 32 - 3
+        assert 0 < r["mfu"] < 1 and r["achieved_flops"] > 0 and r["flops_per_token"] > 0
+        assert r["peak_memory_bytes"] > 50 * 2**20 and r["peak_memory_of"]
+        assert r["trainable_params"] == r["total_params"] > 0 and r["non_embedding_params"] > 0
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["f1"] <= 1  # trained to the end (epochs)
+        assert r["curve"] and r["target_accuracy"] == 0.8
+        assert r["load"]["outside_cores_mean"] >= 0 and isinstance(r["disturbed"], bool)
+        assert {"command", "wall_s", "own_cpu_s"} <= set(r["repeats"][0])
+        assert set(r["scenario"]) >= {"model", "data", "max_length", "strategy", "nproc", "method", "precision",
+                                      "batch_size", "epochs", "warmup_steps", "repeats"}
+    assert recs["baseline"]["ratio_to_baseline"] is None
+    assert recs["engine-none1-full-fp32"]["ratio_to_baseline"] > 0
+    assert "torchrun" in recs["engine-ddp2-full-fp32"]["repeats"][0]["command"] or \
+        "torch.distributed.run" in recs["engine-ddp2-full-fp32"]["repeats"][0]["command"]
+    # the same global batch whatever the process count: the same number of examples trained
+    assert recs["engine-ddp2-full-fp32"]["scenario"]["batch_size"] == recs["engine-none1-full-fp32"]["scenario"]["batch_size"]
+
+
+def test_smoke_hardware_peaks_and_reports(smoke):
+    out, res = smoke
+    hw = res["hardware"]
+    assert hw["cpu"]["usable_cores"] >= 1 and hw["cpu"]["model"] and hw["torch"]
+    assert isinstance(hw["cpu"]["flags"], list) and "gpus" in hw
+    assert res["peak_flops"]["measured"]["fp32"]["flops"] > 1e8
+    assert res["load"]["whole_run"]["outside_cores"] >= 0
+    md = (out / "results.md").read_text()
+    assert "| scenario |" in md and "6 x N + 12 x L x H x S" in md and "engine-ddp2-full-fp32" in md
+    for png in ("throughput.png", "accuracy_vs_time.png", "scaling.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+
+
+def test_compare_prints_per_scenario_ratios(smoke, tmp_path):
+    out, _ = smoke
+    p = run_cli("benchmarks/compare.py", out, out, timeout=60)
+    assert p.returncode == 0, p.stderr
+    row = next(l for l in p.stdout.splitlines() if l.startswith("engine-none1-full-fp32"))
+    assert " 1.00 " in row
+    p = run_cli("benchmarks/compare.py", out, tmp_path / "missing", timeout=60)
+    assert p.returncode == 2 and p.stderr.startswith("error: ")
+
+
+def test_results_folder_is_not_overwritten_by_accident(smoke):
+    out, _ = smoke
+    p = run_cli("benchmarks/run.py", "--matrix", MATRICES / "cpu_smoke.yaml", "--out", out, timeout=60)
+    assert p.returncode == 2 and "--overwrite" in p.stderr
