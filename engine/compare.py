@@ -348,7 +348,7 @@ class TransformersScorer(Scorer):
         self.tokenizer = modeling.load_tokenizer(cfg)
         kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
         # loading info tells a trained head from one transformers just initialised at random
-        self.model, info = modeling._load("model", AutoModelForSequenceClassification.from_pretrained, cfg,
+        self.model, info = modeling.load_pretrained("model", AutoModelForSequenceClassification.from_pretrained, cfg,
                                           output_loading_info=True, **kwargs)
         body = self.model.base_model_prefix + "."
         head = [k for k in info.get("missing_keys", ()) if not k.startswith(body)]
@@ -408,12 +408,12 @@ def load_phrases(recipe: CompareRecipe) -> list[Phrase]:
     if not path.exists():
         raise DataError(f"{path}: phrases_file does not exist")
     if path.suffix.lower() == ".txt":
-        lines = data_lib._decode(path, "utf-8").splitlines()
+        lines = data_lib.decode_file(path, "utf-8").splitlines()
         return [Phrase(line.strip()) for line in lines if line.strip()]
     if path.suffix.lower() not in data_lib.TABLE_SUFFIXES:
         raise DataError(f"{path}: phrases_file must be .txt (one phrase a line) or "
                         f"{'/'.join(data_lib.TABLE_SUFFIXES)} with columns text, expected")
-    frame = data_lib._read_table(path, "utf-8")
+    frame = data_lib.read_table(path, "utf-8")
     if "text" not in frame.columns:
         raise DataError(f"{path}: no column 'text'; columns: {', '.join(map(str, frame.columns))}")
     out = []
@@ -450,7 +450,7 @@ class EvalSet:
 
 def _labelled(cfg: DataConfig, split: str, names: Optional[list[str]]):
     raw = data_lib.read_split(cfg, split)
-    names, ids = data_lib._label_ids(raw, cfg, names)
+    names, ids = data_lib.label_ids(raw, cfg, names)
     return names, Examples(raw.texts, ids, raw.origin)
 
 
@@ -466,7 +466,7 @@ def load_eval_set(cfg: CompareData, seed: int) -> EvalSet:
     if cfg.val_split:
         _, val = _labelled(cfg, cfg.val_split, names)
         if cfg.val_size and cfg.val_size < len(val.texts):
-            val = data_lib._take(val, data_lib.stratified_subset(val.labels, cfg.val_size, seed + 2))
+            val = data_lib.take(val, data_lib.stratified_subset(val.labels, cfg.val_size, seed + 2))
         elif not cfg.val_size:
             val = None
     elif cfg.val_size:
@@ -475,10 +475,10 @@ def load_eval_set(cfg: CompareData, seed: int) -> EvalSet:
                             f"(split has {len(pool.texts)}); lower it or set val_split")
         held = data_lib.stratified_subset(pool.labels, cfg.val_size, seed + 2)
         rest = np.setdiff1d(np.arange(len(pool.texts)), held)
-        val, pool = data_lib._take(pool, held), data_lib._take(pool, rest)
+        val, pool = data_lib.take(pool, held), data_lib.take(pool, rest)
         val.origin += f" (temperature split: {cfg.val_size}, seed {seed + 2})"
     if cfg.eval_size is not None and cfg.eval_size < len(pool.texts):
-        pool = data_lib._take(pool, data_lib.stratified_subset(pool.labels, cfg.eval_size, seed + 1))
+        pool = data_lib.take(pool, data_lib.stratified_subset(pool.labels, cfg.eval_size, seed + 1))
     try:
         lm = map_labels(names, who=f"dataset '{name}'")
     except RecipeError:
@@ -651,7 +651,7 @@ def labels_of(spec: str, recipe: CompareRecipe) -> list[str]:
     from engine import modeling
 
     cfg = ModelConfig(name_or_path=spec, trust_remote_code=recipe.trust_remote_code)
-    config = modeling._load("config", AutoConfig.from_pretrained, cfg)
+    config = modeling.load_pretrained("config", AutoConfig.from_pretrained, cfg)
     return [config.id2label[i] for i in range(config.num_labels)]
 
 

@@ -52,25 +52,25 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     """Read, filter, label-map and subsample the train and eval splits a recipe asks for."""
     train_raw = read_split(cfg, cfg.train_split)
     if cfg.holdout_size:
-        names, train_ids = _label_ids(train_raw, cfg, None)
+        names, train_ids = label_ids(train_raw, cfg, None)
         train_all = Examples(train_raw.texts, train_ids, train_raw.origin)
         if cfg.holdout_size >= len(train_all.texts):
             raise DataError(f"{train_raw.origin}: data.holdout_size={cfg.holdout_size} leaves no "
                             f"training examples (split has {len(train_all.texts)})")
         held = stratified_subset(train_all.labels, cfg.holdout_size, seed)
         rest = np.setdiff1d(np.arange(len(train_all.texts)), held)
-        train, evals = _take(train_all, rest), _take(train_all, held)
+        train, evals = take(train_all, rest), take(train_all, held)
         evals.origin += f" (held out: {cfg.holdout_size}, seed {seed})"
     else:
         eval_raw = read_split(cfg, cfg.eval_split)
-        names, train_ids = _label_ids(train_raw, cfg, None)
-        _, eval_ids = _label_ids(eval_raw, cfg, names)
+        names, train_ids = label_ids(train_raw, cfg, None)
+        _, eval_ids = label_ids(eval_raw, cfg, names)
         train = Examples(train_raw.texts, train_ids, train_raw.origin)
         evals = Examples(eval_raw.texts, eval_ids, eval_raw.origin)
     if cfg.train_size is not None and cfg.train_size < len(train.texts):
-        train = _take(train, stratified_subset(train.labels, cfg.train_size, seed))
+        train = take(train, stratified_subset(train.labels, cfg.train_size, seed))
     if cfg.eval_size is not None and cfg.eval_size < len(evals.texts):
-        evals = _take(evals, stratified_subset(evals.labels, cfg.eval_size, seed + 1))
+        evals = take(evals, stratified_subset(evals.labels, cfg.eval_size, seed + 1))
     return Splits(train, evals, names)
 
 
@@ -78,10 +78,10 @@ def load_eval_split(cfg: DataConfig, split: str, label_names: Optional[list[str]
                     seed: int = 42) -> Examples:
     """One split for evaluation only (launch/evaluate.py), labels mapped onto `label_names`."""
     raw = read_split(cfg, split)
-    _, ids = _label_ids(raw, cfg, label_names)
+    _, ids = label_ids(raw, cfg, label_names)
     examples = Examples(raw.texts, ids, raw.origin)
     if cfg.eval_size is not None and cfg.eval_size < len(ids):
-        examples = _take(examples, stratified_subset(ids, cfg.eval_size, seed + 1))
+        examples = take(examples, stratified_subset(ids, cfg.eval_size, seed + 1))
     return examples
 
 
@@ -152,11 +152,11 @@ def _read_local(path: Path, split: str, cfg: DataConfig):
         if split != cfg.train_split:
             raise DataError(f"{path}: a single file holds only the train split; set "
                             f"data.eval_split=null and data.holdout_size=N to evaluate on held-out rows")
-        return _read_table(path, cfg.encoding), str(path), None
+        return read_table(path, cfg.encoding), str(path), None
     for suffix in TABLE_SUFFIXES:
         candidate = path / f"{split}{suffix}"
         if candidate.exists():
-            return _read_table(candidate, cfg.encoding), str(candidate), None
+            return read_table(candidate, cfg.encoding), str(candidate), None
     if (path / split / "pos").is_dir() and (path / split / "neg").is_dir():
         return _read_aclimdb(path / split, cfg.encoding), str(path / split), ["neg", "pos"]
     if (path / f"{split}_text.txt").exists():
@@ -166,7 +166,7 @@ def _read_local(path: Path, split: str, cfg: DataConfig):
                     f"{split}/pos|neg/*.txt, {split}_text.txt); folder holds: {', '.join(present[:12])}")
 
 
-def _decode(path: Path, encoding: str) -> str:
+def decode_file(path: Path, encoding: str) -> str:
     raw = path.read_bytes()
     try:
         return raw.decode(encoding)
@@ -178,7 +178,7 @@ def _decode(path: Path, encoding: str) -> str:
         raise DataError(f"{path}: unknown data.encoding '{encoding}'") from None
 
 
-def _read_table(path: Path, encoding: str):
+def read_table(path: Path, encoding: str):
     import pandas as pd
 
     suffix = path.suffix.lower()
@@ -186,13 +186,13 @@ def _read_table(path: Path, encoding: str):
         if suffix == ".parquet":
             frame = pd.read_parquet(path)
         elif suffix in (".csv", ".tsv"):
-            text = _decode(path, encoding)
+            text = decode_file(path, encoding)
             if suffix == ".tsv":  # TSV cells are not quoted (SST-2 sentences hold bare quotes)
                 frame = pd.read_csv(io.StringIO(text), sep="\t", quoting=3, dtype=object)
             else:
                 frame = pd.read_csv(io.StringIO(text), dtype=object)
         elif suffix == ".jsonl":
-            frame = pd.read_json(io.StringIO(_decode(path, encoding)), lines=True, dtype=False)
+            frame = pd.read_json(io.StringIO(decode_file(path, encoding)), lines=True, dtype=False)
         else:
             raise DataError(f"{path}: unsupported file type '{suffix}' (use {', '.join(TABLE_SUFFIXES)})")
     except DataError:
@@ -208,7 +208,7 @@ def _read_aclimdb(folder: Path, encoding: str):
     texts, labels = [], []
     for label, sub in enumerate(("neg", "pos")):
         for file in sorted((folder / sub).glob("*.txt")):
-            texts.append(_decode(file, encoding))
+            texts.append(decode_file(file, encoding))
             labels.append(label)
     return pd.DataFrame({"text": texts, "label": labels})
 
@@ -217,16 +217,16 @@ def _read_text_label_pair(path: Path, split: str, cfg: DataConfig):
     import pandas as pd
 
     text_file, label_file = path / f"{split}_text.txt", path / f"{split}_labels.txt"
-    texts = _decode(text_file, cfg.encoding).splitlines()
+    texts = decode_file(text_file, cfg.encoding).splitlines()
     if not label_file.exists():
         raise DataError(f"{label_file}: missing (it pairs with {text_file.name})")
-    labels = _decode(label_file, cfg.encoding).splitlines()
+    labels = decode_file(label_file, cfg.encoding).splitlines()
     if len(texts) != len(labels):
         raise DataError(f"{label_file}: {len(labels)} labels for {len(texts)} lines of {text_file.name}")
     names = None
     mapping = path / "mapping.txt"
     if mapping.exists():
-        pairs = [line.split("\t") for line in _decode(mapping, cfg.encoding).splitlines() if line.strip()]
+        pairs = [line.split("\t") for line in decode_file(mapping, cfg.encoding).splitlines() if line.strip()]
         names = [p[1].strip() for p in sorted(pairs, key=lambda p: int(p[0]))]
     frame = pd.DataFrame({cfg.text_column: texts, cfg.label_column: labels})
     return frame, str(text_file), names
@@ -236,7 +236,7 @@ def _read_text_label_pair(path: Path, split: str, cfg: DataConfig):
 # Labels and subsets
 
 
-def _label_ids(raw: RawSplit, cfg: DataConfig, names: Optional[list[str]]):
+def label_ids(raw: RawSplit, cfg: DataConfig, names: Optional[list[str]]):
     """Map stored labels to class ids; returns (class names, ids)."""
     values, rows, column = raw.labels, raw.rows, raw.column
     for v, row in zip(values, rows):
@@ -293,7 +293,7 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.argsort(key, kind="stable")[:n])
 
 
-def _take(ex: Examples, idx: np.ndarray) -> Examples:
+def take(ex: Examples, idx: np.ndarray) -> Examples:
     return Examples([ex.texts[i] for i in idx], ex.labels[idx], ex.origin)
 
 
