@@ -1,6 +1,7 @@
 """Load a sequence-classification model and its tokenizer by hub name or local folder."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 from safetensors import SafetensorError
@@ -21,10 +22,15 @@ def _location(cfg: ModelConfig) -> str:
         raise ModelError(str(e)) from None
 
 
-def _load(what: str, fn, cfg: ModelConfig, **kwargs):
+def load_pretrained(what: str, fn, cfg: ModelConfig, **kwargs):
     where = _location(cfg)
-    if cfg.gguf_file:  # a quantised community checkpoint; transformers de-quantises it
+    if cfg.gguf_file and not _is_snapshot(where, cfg.gguf_file):
         kwargs["gguf_file"] = cfg.gguf_file
+        if what == "model":
+            # unpacked to plain full-precision layers: packed GGUF layers neither train nor
+            # save_pretrained, and base/ and tuned/ must be ordinary safetensors snapshots
+            from transformers import GgufConfig
+            kwargs.setdefault("quantization_config", GgufConfig(dequantize=True))
     try:
         return fn(where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
     except (OSError, ValueError, KeyError, SafetensorError) as e:
@@ -32,8 +38,15 @@ def _load(what: str, fn, cfg: ModelConfig, **kwargs):
         raise ModelError(f"{cfg.name_or_path}: cannot load {what} ({e.__class__.__name__}: {msg})") from None
 
 
+def _is_snapshot(where: str, gguf_file: str) -> bool:
+    """A save_pretrained folder (base/, tuned/) reloaded with the recipe's model section: the GGUF
+    file it was first built from is not there, its safetensors are."""
+    folder = Path(where).expanduser()
+    return (folder / "config.json").is_file() and not (folder / gguf_file).exists()
+
+
 def load_tokenizer(cfg: ModelConfig):
-    tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, cfg)
+    tokenizer = load_pretrained("tokenizer", AutoTokenizer.from_pretrained, cfg)
     if tokenizer.pad_token is None:  # decoder LLMs ship without one; the classifier needs it
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -55,7 +68,7 @@ def load_model(cfg: ModelConfig, label_names: Optional[list[str]] = None, tokeni
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     try:
-        model = _load("model", AutoModelForSequenceClassification.from_pretrained, cfg, **kwargs)
+        model = load_pretrained("model", AutoModelForSequenceClassification.from_pretrained, cfg, **kwargs)
     except RuntimeError as e:
         if "mismatched" not in str(e):
             raise

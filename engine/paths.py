@@ -6,6 +6,7 @@ MiniLM and IMDB reviews) without knowing where site-packages is on this machine.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 PACKAGE_SCHEME = "package://"
@@ -16,9 +17,11 @@ class MissingPackageError(FileNotFoundError):
 
 
 def resolve(uri: str) -> str:
-    """Turn `package://pkg/rel/path` into a filesystem path; return anything else unchanged."""
+    """Turn `package://pkg/rel/path` into a filesystem path, and `~/...` into the user's home;
+    return anything else unchanged."""
     if not uri.startswith(PACKAGE_SCHEME):
-        return uri
+        # so a recipe can name a per-user cache (~/.cache/...) the same way on every machine
+        return os.path.expanduser(uri)
     package, _, rel = uri[len(PACKAGE_SCHEME):].partition("/")
     spec = importlib.util.find_spec(package) if package else None
     if spec is None or not spec.submodule_search_locations:
