@@ -38,6 +38,8 @@ def run_main(main) -> None:
         if rank in (None, "0"):
             print(f"stopped: {e}", file=sys.stderr, flush=True)
         os._exit(1)
+    except SystemExit:  # argparse's own usage errors (exit code 2) and explicit exits
+        raise
     except KeyboardInterrupt:
         print(f"{who}interrupted", file=sys.stderr, flush=True)
         os._exit(130)

@@ -14,7 +14,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help="YAML compare recipe (see recipes/compare_*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. models=[a,b,vader] datasets=[]")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # flags may come after key=value overrides
 
     from engine.compare import CompareRecipe, compare, phrase_table
     from engine.config import load_recipe

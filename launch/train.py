@@ -15,7 +15,7 @@ def main() -> int:
     parser.add_argument("--resume", metavar="auto|PATH",
                         help="continue from the latest checkpoint in output_dir (auto) or from PATH")
     parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.lr=3e-5")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # flags may come after key=value overrides
 
     from engine.config import load_recipe
     from engine.finetune import finetune, summary_table

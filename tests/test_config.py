@@ -70,3 +70,13 @@ def test_cli_unknown_key_exits_2_with_one_line(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip() == f"error: {f}: unknown key 'train.lrr' (did you mean 'train.lr'?)"
     assert not out.exists()  # nothing is written before the recipe is valid
+
+
+def test_cli_takes_flags_after_overrides_and_usage_errors_are_plain(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text(f"output_dir: {tmp_path / 'out'}\n")
+    p = run_cli("launch/train.py", "--recipe", f, "train.lrr=1", "--overwrite")
+    assert p.returncode == 2 and "unknown key 'train.lrr'" in p.stderr  # --overwrite was taken as a flag
+    p = run_cli("launch/train.py", "--recipe", f, "--no-such-flag")
+    assert p.returncode == 2 and "unrecognized arguments: --no-such-flag" in p.stderr
+    assert "Traceback" not in p.stderr
