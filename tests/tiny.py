@@ -127,3 +127,85 @@ def make_data(folder, n_train: int = 64, n_test: int = 33, seed: int = 0, fmt: s
         else:
             frame.to_json(path, orient="records", lines=True)
     return str(folder)
+
+
+def _llama_cpp_permute(w, n_head: int):
+    """The row order llama.cpp's converter gives Q and K (rotary halves interleaved per head), which
+    transformers' GGUF loader undoes; written the converter's way so the test checks the loader's."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def make_gguf(folder, name: str = "tiny-llama-q8_0.gguf", seed: int = 0) -> tuple[str, str, dict]:
+    """A tiny Llama as llama.cpp writes one: metadata under llama.cpp's keys, tensors under its
+    names, Q and K permuted, linear weights quantised to Q8_0, a byte-level BPE (`gpt2`) tokenizer.
+
+    Returns (folder, file name, weights): `weights` maps transformers' parameter names to what a
+    correct loader must produce, i.e. the written values after the Q8_0 round trip, un-permuted.
+    """
+    import json
+
+    import gguf
+    import numpy as np
+    import torch
+    from gguf.quants import dequantize, quantize
+    from transformers import LlamaConfig, LlamaModel
+
+    tokenizer = make_bpe_tokenizer()
+    spec = dict(ARCH["llama"])
+    spec.pop("model_type")
+    n_head, n_kv = spec["num_attention_heads"], spec["num_key_value_heads"]
+    head_dim = spec["hidden_size"] // n_head
+    torch.manual_seed(seed)
+    body = LlamaModel(LlamaConfig(vocab_size=len(tokenizer), rms_norm_eps=1e-6, **spec))
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(folder / name, "llama")
+    writer.add_name("tiny llama")
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_context_length(spec["max_position_embeddings"])
+    writer.add_embedding_length(spec["hidden_size"])
+    writer.add_block_count(spec["num_hidden_layers"])
+    writer.add_feed_forward_length(spec["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_vocab_size(len(tokenizer))
+
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = [t for t, _ in sorted(bpe["vocab"].items(), key=lambda kv: kv[1])]
+    special = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(False)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, spec["num_hidden_layers"])
+    expected = {}
+    for hf_name, tensor in body.state_dict().items():
+        if "rotary_emb" in hf_name:
+            continue
+        module, suffix = hf_name.rsplit(".", 1)
+        gguf_name = names.get_name(f"model.{module}") + "." + suffix
+        w = tensor.float().numpy()
+        if w.ndim == 1:  # llama.cpp keeps norms in F32
+            writer.add_tensor(gguf_name, w)
+            expected[f"model.{hf_name}"] = w
+            continue
+        heads = n_head if ".q_proj" in hf_name else n_kv if ".k_proj" in hf_name else None
+        stored = quantize(_llama_cpp_permute(w, heads) if heads else w, gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(gguf_name, stored, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        # Q8_0 blocks run along rows, so quantising commutes with the row permutation
+        expected[f"model.{hf_name}"] = dequantize(quantize(w, gguf.GGMLQuantizationType.Q8_0),
+                                                  gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(folder), name, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in expected.items()}
