@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,10 @@ from torch import nn
 
 from engine import checkpoint, modeling
 from engine.config import Recipe
+
+# bitsandbytes warns at import, on every AVX512-BF16 CPU, that an optional kernel package is
+# missing; its fallback works, and the stray line would break the one-line error of bad input
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # the layers that get adapters when peft.target_modules is not set
@@ -55,6 +60,8 @@ def head_modules(model: nn.Module) -> list[str]:
 
 
 def target_modules(model: nn.Module, wanted: list[str] | None) -> list[str] | str:
+    if wanted == ["all-linear"]:  # PEFT's keyword, which it reads only as a string
+        return "all-linear"
     if wanted:
         return list(wanted)
     return DEFAULT_TARGETS.get(model.config.model_type, "all-linear")
@@ -131,9 +138,12 @@ def attach(model: nn.Module, recipe: Recipe, base_dir: str | Path, dist) -> nn.M
     if method == "qlora":
         dist.barrier()
         model = load_quantized(base_dir, recipe, head, dist.device)
-        # freezes the body and keeps the non-quantised weights in fp32; gradient checkpointing
-        # off: it trades ~30% speed for activation memory, which these classifiers do not need
+        # freezes the body and keeps the non-quantised weights in fp32; checkpointing is the
+        # recipe's choice (train.activation_checkpointing), made on this new model like the first
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if recipe.train.activation_checkpointing:
+            modeling.enable_activation_checkpointing(model)
+    check_targets(model, recipe)
     try:
         peft_model = get_peft_model(model, lora_config(model, recipe))
     except ValueError as e:
@@ -143,13 +153,31 @@ def attach(model: nn.Module, recipe: Recipe, base_dir: str | Path, dist) -> nn.M
     return peft_model
 
 
-def check_trainable(peft_model: nn.Module, head: list[str]) -> None:
-    """Only LoRA factors and the head train; anything else means the names matched too much."""
+def check_targets(model: nn.Module, recipe: Recipe) -> None:
+    """Every name in peft.target_modules must match a layer (PEFT only fails when none does)."""
+    targets = target_modules(model, recipe.peft.target_modules)
+    if isinstance(targets, str):
+        return
+    names = [n for n, _ in model.named_modules() if n]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            raise AdapterError(f"peft.target_modules: '{t}' matches no layer of {recipe.model.name_or_path} "
+                               f"(its linear layers: {', '.join(leaves)})")
+
+
+def saved_modules(peft_model: nn.Module) -> list[str]:
+    """The modules trained whole and saved with the adapter (PEFT matches their names by suffix)."""
     from peft.utils.other import ModulesToSaveWrapper
 
-    wrapped = {name.removeprefix("base_model.model.") for name, m in peft_model.named_modules()
-               if isinstance(m, ModulesToSaveWrapper)}
-    if wrapped != set(head):
+    return sorted(name.removeprefix("base_model.model.") for name, m in peft_model.named_modules()
+                  if isinstance(m, ModulesToSaveWrapper))
+
+
+def check_trainable(peft_model: nn.Module, head: list[str]) -> None:
+    """Only LoRA factors and the head train; anything else means the names matched too much."""
+    wrapped = saved_modules(peft_model)
+    if set(wrapped) != set(head):
         raise AdapterError(f"the trained-and-saved modules {sorted(wrapped)} are not exactly the "
                            f"classification head {head}")
     if not any("lora_" in name for name, _ in peft_model.named_parameters()):
@@ -174,6 +202,7 @@ def export(trained: nn.Module, state: dict, out: str | Path, tokenizer, recipe: 
     trained = getattr(trained, "_orig_mod", trained)  # torch.compile
     config = copy.deepcopy(trained.peft_config["default"])
     config.inference_mode = False
+    config.base_model_name_or_path = str(out / "base")  # what the adapter goes on
     state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
 
     mcfg = dataclasses.replace(recipe.model, name_or_path=str(out / "base"), revision=None)
@@ -195,9 +224,10 @@ def export(trained: nn.Module, state: dict, out: str | Path, tokenizer, recipe: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    targets = config.target_modules
+    info = {"adapter_sha256": checkpoint.file_sha256(final / ADAPTER_WEIGHTS),
+            "target_modules": targets if isinstance(targets, str) else sorted(targets),
+            "modules_to_save": saved_modules(fresh)}
     merged = fresh.merge_and_unload()
-    tuned_sha = checkpoint.save_snapshot(merged, tokenizer, out / "tuned")
-    return {"adapter_sha256": checkpoint.file_sha256(final / ADAPTER_WEIGHTS), "tuned_sha256": tuned_sha,
-            "target_modules": sorted(config.target_modules) if not isinstance(config.target_modules, str)
-            else config.target_modules,
-            "modules_to_save": sorted(config.modules_to_save or [])}
+    info["tuned_sha256"] = checkpoint.save_snapshot(merged, tokenizer, out / "tuned")
+    return info

@@ -87,7 +87,8 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
                     f"eval {len(eval_set)} from {splits.eval.origin}; {dist.world} process(es), "
                     f"{torch.get_num_threads()} thread(s) each, strategy {dist.strategy}, "
                     f"precision {train_cfg.precision}")
-    tracker.message(f"base: accuracy {base_metrics['accuracy']:.4f}  f1 {base_metrics['f1']:.4f}")
+    tracker.message(f"base{' (4-bit, as it trains)' if peft == 'qlora' else ''}: "
+                    f"accuracy {base_metrics['accuracy']:.4f}  f1 {base_metrics['f1']:.4f}")
     if peft != "none":
         tracker.message(f"{peft}: {counts['trainable_params']:,} of {counts['total_params']:,} parameters "
                         f"train ({counts['trainable_share']:.2%})")
