@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -33,6 +34,8 @@ def run_main(main) -> None:
     except USER_ERRORS as e:
         if rank in (None, "0"):  # every rank meets the same bad input: say it once
             print(f"error: {e}", file=sys.stderr, flush=True)
+        else:  # give rank 0 time to say it before torchrun, seeing this exit, stops the group
+            time.sleep(3)
         os._exit(2)  # skip interpreter teardown: never hang on a half-joined process group
     except StopTraining as e:
         if rank in (None, "0"):
@@ -49,4 +52,6 @@ def run_main(main) -> None:
         os._exit(1)
     sys.stdout.flush()
     sys.stderr.flush()
-    sys.exit(code or 0)
+    # everything is written and closed by now; skipping interpreter teardown keeps a torch store
+    # thread destroyed during it from aborting a finished run ("terminate called ...", code -6)
+    os._exit(code or 0)
