@@ -153,7 +153,7 @@ def load_training_state(folder: str | Path, model, optimizer, scheduler, precisi
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     folder = Path(folder)
     state = read_state(folder)
@@ -175,7 +175,11 @@ def load_training_state(folder: str | Path, model, optimizer, scheduler, precisi
         for key, target in expected.items():
             target.copy_(tensors[key])
     optim_sd["param_groups"] = state["param_groups"]
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    # not strict: a 4-bit (QLoRA) layer lists its quantisation constants in state_dict() but takes
+    # them back only through from_pretrained; they are frozen and rebuilt from base/, and every key
+    # this model has was checked against the file above
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(strict=False))
     scheduler.load_state_dict(state["scheduler"])
     if precision.scaler and state.get("scaler"):
         precision.scaler.load_state_dict(state["scaler"])

@@ -1,7 +1,7 @@
 """The training loop: micro-batches -> loss -> backward -> clip -> step -> schedule, plus eval hooks.
 
 One loop for every strategy: DDP, FSDP and PEFT change how the model is wrapped (engine/
-distributed.py, engine/peft.py), never these lines.
+distributed.py, engine/adapters.py), never these lines.
 """
 from __future__ import annotations
 
