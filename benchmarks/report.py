@@ -24,7 +24,7 @@ def num(x, fmt: str) -> str:
 
 def table(records: list[dict]) -> list[str]:
     head = ["scenario", "status", "samples/s", "x baseline", "real tok/s", "padded tok/s (padding)",
-            "step s: median (min–max)", "achieved FLOP/s", "MFU", "peak memory", "trainable", "accuracy", "F1",
+            "step s: median (min–max)", "achieved FLOP/s", "MFU", "peak memory", "trainable", "base accuracy", "accuracy", "F1",
             "time to target", "outside load (cores)"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
@@ -42,7 +42,7 @@ def table(records: list[dict]) -> list[str]:
             num(r["mfu"], ".2%") + (f" ({r['mfu_datasheet']:.1%} of datasheet)" if r.get("mfu_datasheet") else ""),
             si(r["peak_memory_bytes"], "B"),
             si(r["trainable_params"]),
-            num(r["accuracy"], ".4f"), num(r["f1"], ".4f"),
+            num(r.get("base_accuracy"), ".4f"), num(r["accuracy"], ".4f"), num(r["f1"], ".4f"),
             f"{r['time_to_target_s']:.0f} s" if r["time_to_target_s"] is not None else "–",
             (f"{load['outside_cores_mean']:.2f} (max {load['outside_cores_max']:.2f})" if load else "–")
             + (" **disturbed**" if r["disturbed"] else ""),
@@ -87,7 +87,9 @@ def markdown(res: dict) -> str:
     lines += ["Rates are medians over the repeats (fresh processes, interleaved across scenarios) of the steps "
               "after warm-up; step times pool every timed step of every repeat. `batch_size` in a scenario is "
               "global (all processes), so scenarios with different process counts train the same examples per "
-              "step. *x baseline* is samples/s over the Trainer baseline's on the same workload.", "",
+              "step. *x baseline* is samples/s over the Trainer baseline's on the same workload. Accuracy and "
+              "F1 are the tuned model's on the eval split, for scenarios trained to the end (epochs); *base "
+              "accuracy* is the untouched model's on the same examples, scored by the engine before training.", "",
               "## MFU", "", res["mfu_formula"], "", "## Plots", ""]
     lines += [f"![{p}]({p})" for p in PLOTS] + [""]
     return "\n".join(lines)
@@ -203,3 +205,29 @@ def write(results: dict, out: Path) -> None:
     plot_throughput(results["records"], out / "throughput.png")
     plot_accuracy(results["records"], out / "accuracy_vs_time.png")
     plot_scaling(results["records"], out / "scaling.png")
+
+
+def summary(records: list[dict]) -> list[str]:
+    """The few columns a README headline needs, for the scenarios that ran."""
+    rows = ["| scenario | samples/s | x Trainer blog recipe | MFU | base accuracy | tuned accuracy |",
+            "|---|---|---|---|---|---|"]
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        rows.append(f"| `{r['id']}`{' (baseline)' if r['scenario'].get('is_baseline') else ''} | "
+                    f"{num(r['samples_per_s'], '.3g')} | {num(r['ratio_to_baseline'], '.2f')} | {num(r['mfu'], '.1%')} | "
+                    f"{num(r.get('base_accuracy'), '.4f')} | {num(r['accuracy'], '.4f')} |")
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Redraw results.md and the plots of a results folder.")
+    parser.add_argument("folder")
+    parser.add_argument("--summary", action="store_true", help="print a short markdown table instead")
+    args = parser.parse_args()
+    res = json.loads((Path(args.folder) / "results.json").read_text())
+    if args.summary:
+        print("\n".join(summary(res["records"])))
+    else:
+        write(res, Path(args.folder))

@@ -346,6 +346,7 @@ def read_engine(run_dir: Path, s: dict) -> dict:
     train = metrics["train"]
     cuda = str(train.get("peak_memory_of", "")).startswith("cuda")
     out.update(curve=curve, accuracy=metrics["tuned"]["accuracy"], f1=metrics["tuned"]["f1"],
+               base_accuracy=metrics["base"]["accuracy"], base_f1=metrics["base"]["f1"],
                trainable_params=metrics["params"]["trainable_params"], total_params=metrics["params"]["total_params"],
                cuda_peak_bytes=int(train["peak_memory_mb"] * 2**20) if cuda and "peak_memory_mb" in train else None,
                train_seconds=train.get("train_seconds"), threads=train.get("threads_per_process"))
@@ -384,7 +385,7 @@ def summarize(s: dict, runs: list[dict], shape, peaks: dict, datasheet: dict | N
            "mfu": None, "mfu_datasheet": None, "peak_memory_bytes": None, "peak_memory_of": None,
            "trainable_params": None, "total_params": None,
            "non_embedding_params": shape.non_embedding_params if shape else None,
-           "accuracy": None, "f1": None, "target_accuracy": s["target_accuracy"], "time_to_target_s": None,
+           "accuracy": None, "f1": None, "base_accuracy": None, "base_f1": None, "target_accuracy": s["target_accuracy"], "time_to_target_s": None,
            "curve": None, "ratio_to_baseline": None, "baseline_id": s.get("baseline_id"),
            "load": None, "disturbed": False, "repeats": runs}
     if not ok:
@@ -415,6 +416,8 @@ def summarize(s: dict, runs: list[dict], shape, peaks: dict, datasheet: dict | N
         first = ok[0]
         rec.update(accuracy=med("accuracy") if all(r["accuracy"] is not None for r in ok) else None,
                    f1=med("f1") if all(r["f1"] is not None for r in ok) else None, curve=first["curve"])
+        if all(r.get("base_accuracy") is not None for r in ok):  # the engine scores the untouched model first
+            rec.update(base_accuracy=med("base_accuracy"), base_f1=med("base_f1"))
         if s["target_accuracy"] is not None:
             hits = [min((p["t"] for p in r["curve"] if p["accuracy"] >= s["target_accuracy"]), default=None)
                     for r in ok]

@@ -237,6 +237,12 @@ def test_smoke_records_are_complete_and_sane(smoke):
         assert set(r["scenario"]) >= {"model", "data", "max_length", "strategy", "nproc", "method", "precision",
                                       "batch_size", "epochs", "warmup_steps", "repeats"}
     assert recs["baseline"]["ratio_to_baseline"] is None
+    assert recs["baseline"]["base_accuracy"] is None  # the Trainer's recipe never scores the untouched model
+    for key in ("engine-none1-full-fp32", "engine-ddp2-full-fp32"):  # base vs tuned, on the same examples
+        rec = recs[key]
+        base = json.loads((Path(rec["repeats"][0]["run_dir"]) / "metrics.json").read_text())["base"]
+        assert (rec["base_accuracy"], rec["base_f1"]) == (base["accuracy"], base["f1"])
+        assert rec["curve"][0] == {"step": 0, "t": 0.0, "accuracy": rec["base_accuracy"]}
     assert recs["engine-none1-full-fp32"]["ratio_to_baseline"] > 0
     assert "torchrun" in recs["engine-ddp2-full-fp32"]["repeats"][0]["command"] or \
         "torch.distributed.run" in recs["engine-ddp2-full-fp32"]["repeats"][0]["command"]
@@ -272,3 +278,23 @@ def test_results_folder_is_not_overwritten_by_accident(smoke):
     out, _ = smoke
     p = run_cli("benchmarks/run.py", "--matrix", MATRICES / "cpu_smoke.yaml", "--out", out, timeout=60)
     assert p.returncode == 2 and "--overwrite" in p.stderr
+
+
+def test_report_redraws_a_results_folder(smoke, tmp_path):
+    import shutil
+    import subprocess
+    out, _ = smoke
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    for name in ("results.md", "throughput.png", "accuracy_vs_time.png", "scaling.png"):
+        (copy / name).unlink()
+    p = subprocess.run([sys.executable, "-m", "benchmarks.report", str(copy)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert (copy / "results.md").read_text() == (out / "results.md").read_text()
+    assert (copy / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    p = subprocess.run([sys.executable, "-m", "benchmarks.report", str(copy), "--summary"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    rows = [l for l in p.stdout.splitlines() if l.startswith("| `")]
+    assert p.returncode == 0 and len(rows) == 3, p.stdout + p.stderr
+    assert any("(baseline)" in l and "| – |" in l for l in rows)  # no ratio, no base score for the Trainer
