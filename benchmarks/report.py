@@ -39,7 +39,8 @@ def table(records: list[dict]) -> list[str]:
             f"{num(r['padded_tokens_per_s'], '.4g')} ({num(r['padding_share'], '.1%')})",
             f"{st['median']:.3g} ({st['min']:.3g}–{st['max']:.3g})" if st else "–",
             si(r["achieved_flops"], "FLOP/s"),
-            num(r["mfu"], ".2%") + (f" ({r['mfu_datasheet']:.1%} of datasheet)" if r.get("mfu_datasheet") else ""),
+            (num(r["mfu"], ".2%") if not r.get("mfu_note") else "– (above the probe's peak)")
+            + (f" ({r['mfu_datasheet']:.1%} of datasheet)" if r.get("mfu_datasheet") else ""),
             si(r["peak_memory_bytes"], "B"),
             si(r["trainable_params"]),
             num(r.get("base_accuracy"), ".4f"), num(r["accuracy"], ".4f"), num(r["f1"], ".4f"),
@@ -84,6 +85,8 @@ def markdown(res: dict) -> str:
                      f"(ours {whole['own_cores']:.2f}); a run is flagged disturbed above "
                      f"{res['load']['threshold_cores']} cores")
     lines += ["", "## Results", ""] + table(res["records"]) + [""]
+    if res.get("notes"):
+        lines += ["Notes:", ""] + [f"- {n}" for n in res["notes"]] + [""]
     lines += ["Rates are medians over the repeats (fresh processes, interleaved across scenarios) of the steps "
               "after warm-up; step times pool every timed step of every repeat. `batch_size` in a scenario is "
               "global (all processes), so scenarios with different process counts train the same examples per "

@@ -374,6 +374,12 @@ def read_trainer(run_dir: Path, s: dict) -> dict:
 # Records
 
 
+# what a probe matmul can miss: fp16 on a CPU without fp16 units is emulated, and the probe's
+# square matmul of fp16 tensors takes another (slower) path than autocast's fp16 linear layers
+MFU_ABOVE_PEAK = ("not given: the run beat the probe's peak for this precision, so the probe did not measure "
+                  "the kernels training used")
+
+
 def summarize(s: dict, runs: list[dict], shape, peaks: dict, datasheet: dict | None, load_cap: float) -> dict:
     """One record per scenario from its repeats: medians of rates, the spread of step times."""
     ok = [r for r in runs if r["status"] == "ok"]
@@ -382,7 +388,7 @@ def summarize(s: dict, runs: list[dict], shape, peaks: dict, datasheet: dict | N
            "status": "ok" if runs and not failed else (failed[0]["status"] if failed else "not run: no repeats"),
            "samples_per_s": None, "real_tokens_per_s": None, "padded_tokens_per_s": None, "padding_share": None,
            "step_time_s": None, "mean_real_len": None, "flops_per_token": None, "achieved_flops": None,
-           "mfu": None, "mfu_datasheet": None, "peak_memory_bytes": None, "peak_memory_of": None,
+           "mfu": None, "mfu_note": None, "mfu_datasheet": None, "peak_memory_bytes": None, "peak_memory_of": None,
            "trainable_params": None, "total_params": None,
            "non_embedding_params": shape.non_embedding_params if shape else None,
            "accuracy": None, "f1": None, "base_accuracy": None, "base_f1": None, "target_accuracy": s["target_accuracy"], "time_to_target_s": None,
@@ -410,6 +416,8 @@ def summarize(s: dict, runs: list[dict], shape, peaks: dict, datasheet: dict | N
         achieved = fpt * rec["real_tokens_per_s"]
         peak = (peaks.get(s["precision"]) or {}).get("flops")
         rec.update(flops_per_token=fpt, achieved_flops=achieved, mfu=achieved / peak if peak else None)
+        if rec["mfu"] is not None and rec["mfu"] > 1:
+            rec.update(mfu=None, mfu_note=MFU_ABOVE_PEAK)
         if datasheet and datasheet.get(s["precision"]):
             rec["mfu_datasheet"] = achieved / datasheet[s["precision"]]
     if s["epochs"] is not None:  # trained to the end: its accuracy means something

@@ -38,10 +38,10 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     out = Path(recipe.output_dir)
     dist = distributed.init(recipe.distributed, recipe.train.num_threads)
     train_cfg = recipe.train
+    precision = Precision(train_cfg.precision, dist.device)
     resume_from = prepare_output_dir(out, overwrite, resume, dist)
     if dist.is_main:
         dump_recipe(recipe, out / "recipe.yaml")
-    precision = Precision(train_cfg.precision, dist.device)
 
     # data and model; the head's initialisation is seeded, and identical on every rank
     seed_everything(recipe.seed)

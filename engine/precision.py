@@ -9,11 +9,16 @@ import contextlib
 
 import torch
 
+from engine.config import RecipeError
+
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Precision:
     def __init__(self, name: str, device: torch.device):
+        if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise RecipeError(f"train.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16 units "
+                              f"(autocast would emulate it, slowly); use train.precision=fp16 or fp32")
         self.name = name
         self.dtype = DTYPES[name]
         self.device_type = device.type

@@ -66,6 +66,16 @@ def test_fp16_scaler_skips_overflow_steps():
     assert not torch.equal(p.detach(), torch.ones(2))
 
 
+def test_bf16_on_a_gpu_without_bf16_stops_with_one_line(monkeypatch):
+    from engine.config import RecipeError
+    from engine.precision import Precision
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(RecipeError, match="Tesla T4 has no bf16 units.*train.precision=fp16 or fp32"):
+        Precision("bf16", torch.device("cuda", 0))
+    assert Precision("bf16", torch.device("cpu")).dtype == torch.bfloat16  # never refused on a CPU
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains(tiny_bert, tiny_data, tmp_path, precision):
     report = _train(tiny_bert, tiny_data, tmp_path / precision, f"train.precision={precision}", "train.epochs=4")

@@ -298,3 +298,21 @@ def test_report_redraws_a_results_folder(smoke, tmp_path):
     rows = [l for l in p.stdout.splitlines() if l.startswith("| `")]
     assert p.returncode == 0 and len(rows) == 3, p.stdout + p.stderr
     assert any("(baseline)" in l and "| – |" in l for l in rows)  # no ratio, no base score for the Trainer
+
+
+def test_mfu_above_the_probed_peak_is_withheld_with_a_reason():
+    """fp16 on a CPU: the probe's emulated fp16 matmul can be slower than what autocast trains with;
+    an MFU over 100% would be nonsense, so the record says why it has none."""
+    from benchmarks import run
+    from benchmarks.matrix import validate
+    s = {**validate({"model": "m", "data": {"source": "d"}, "steps": 4, "precision": "fp16"}, "t"), "id": "x"}
+    shape = measure.ModelShape(non_embedding_params=10_000_000, total_params=12_000_000, layers=6, hidden=384,
+                               model_type="bert")
+    one = {"status": "ok", "samples_per_s": 1.0, "real_tokens_per_s": 256.0, "padded_tokens_per_s": 260.0,
+           "padding_share": 0.01, "mean_real_len": 256.0, "step_times": [1.0, 1.1], "trainable_params": 1,
+           "total_params": 1, "tree_peak_rss_bytes": 1, "max_process_rss_bytes": 1, "load": None}
+    fpt = measure.flops_per_token(10_000_000, 6, 384, 256.0)
+    below = run.summarize(s, [one], shape, {"fp16": {"flops": fpt * 256.0 * 4}}, None, 0.25)
+    assert below["mfu"] == pytest.approx(0.25) and below["mfu_note"] is None
+    above = run.summarize(s, [one], shape, {"fp16": {"flops": fpt * 256.0 / 3}}, None, 0.25)
+    assert above["mfu"] is None and "probe" in above["mfu_note"] and above["achieved_flops"] > 0
