@@ -62,6 +62,9 @@ def markdown(res: dict) -> str:
               + (f", `--only {res['only']}`" if res.get("only") else "")
               + f"; run {res['started']} to {res['finished']}; commit {(res['git'].get('commit') or '?')[:12]}"
               + (" (uncommitted changes)" if res["git"].get("dirty") else "") + ".", ""]
+    if res.get("interrupted"):
+        lines += [f"> **Interrupted:** {res['interrupted']}. Scenarios that had not run say so; those that "
+                  "ran have fewer repeats than the matrix asks for.", ""]
     if res["load"]["disturbed"]:
         lines += ["> **Disturbed:** other processes used more than "
                   f"{res['load']['threshold_cores']} cores on average during some runs (column *outside load*). "

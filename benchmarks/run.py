@@ -551,15 +551,25 @@ def main() -> int:
     todo = [(r, s) for r in range(max(s["repeats"] for s in scenarios))
             for s in sorted(scenarios, key=lambda s: not s.get("is_baseline"))
             if r < s["repeats"] and s["id"] not in skipped]
-    for i, (repeat, s) in enumerate(todo, 1):
-        run = one_run(prep, s, repeat + 1, work, args.keep_runs, load_cap)
-        runs[s["id"]].append(run)
-        rate = f"{run['samples_per_s']:.2f} samples/s" if run["status"] == "ok" else run["status"]
-        load = run["load"]["outside_cores"] if run["load"] else float("nan")
-        flag = "  DISTURBED" if run["disturbed"] else ""
-        print(f"[{i}/{len(todo)}] {s['id']} r{repeat + 1}: {rate}; outside load {load:.2f} cores; "
-              f"{run['wall_s']:.0f}s{flag}", flush=True)
-    probe_end = probe(work)
+    # ctrl-C or SIGTERM an hour into a matrix: stop the run in flight (execute kills its process
+    # tree), then write what finished, marked interrupted, rather than nothing
+    interrupted = None
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for i, (repeat, s) in enumerate(todo, 1):
+            run = one_run(prep, s, repeat + 1, work, args.keep_runs, load_cap)
+            runs[s["id"]].append(run)
+            rate = f"{run['samples_per_s']:.2f} samples/s" if run["status"] == "ok" else run["status"]
+            load = run["load"]["outside_cores"] if run["load"] else float("nan")
+            flag = "  DISTURBED" if run["disturbed"] else ""
+            print(f"[{i}/{len(todo)}] {s['id']} r{repeat + 1}: {rate}; outside load {load:.2f} cores; "
+                  f"{run['wall_s']:.0f}s{flag}", flush=True)
+        probe_end = probe(work)
+    except KeyboardInterrupt:
+        done = sum(len(r) for r in runs.values())
+        interrupted = f"interrupted after {done} of {len(todo)} runs"
+        print(f"{interrupted}: writing what finished", flush=True)
+        probe_end = probe_start
 
     peaks = {}
     for name in ("fp32", "bf16", "fp16"):
@@ -570,9 +580,9 @@ def main() -> int:
     datasheet = measure.datasheet_peak(gpus[0]["name"]) if gpus else None
     records = []
     for s in scenarios:
-        if s["id"] in skipped:
+        if s["id"] in skipped or (interrupted and not runs[s["id"]]):
             rec = summarize(s, [], None, peaks, datasheet, load_cap)
-            rec["status"] = skipped[s["id"]]
+            rec["status"] = skipped.get(s["id"], "not run: the matrix was interrupted first")
         else:
             rec = summarize(s, runs[s["id"]], shapes.get(s["id"]), peaks, datasheet, load_cap)
         records.append(rec)
@@ -591,6 +601,7 @@ def main() -> int:
     results = {
         "matrix": matrix["name"], "matrix_path": matrix["path"], "description": matrix["description"],
         "sets": matrix["sets"], "only": args.only, "started": started, "finished": measure.now_iso(),
+        "interrupted": interrupted,
         "git": measure.git_state(ROOT), "hardware": hardware,
         "peak_flops": {"measured": peaks, "datasheet": datasheet, "probe_errors": probe_start.get("errors")},
         "load": {"whole_run": whole, "threshold_cores": load_cap,
@@ -602,8 +613,13 @@ def main() -> int:
     report.write(results, out)
     ok = sum(r["status"] == "ok" for r in records)
     print(f"{ok}/{len(records)} scenarios ok; {out / 'results.md'}"
-          + ("; WARNING: some runs were disturbed by outside load" if results["load"]["disturbed"] else ""))
-    return 0
+          + ("; WARNING: some runs were disturbed by outside load" if results["load"]["disturbed"] else "")
+          + (f"; {interrupted}" if interrupted else ""))
+    return 130 if interrupted else 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

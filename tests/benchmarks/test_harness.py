@@ -316,3 +316,41 @@ def test_mfu_above_the_probed_peak_is_withheld_with_a_reason():
     assert below["mfu"] == pytest.approx(0.25) and below["mfu_note"] is None
     above = run.summarize(s, [one], shape, {"fp16": {"flops": fpt * 256.0 / 3}}, None, 0.25)
     assert above["mfu"] is None and "probe" in above["mfu_note"] and above["achieved_flops"] > 0
+
+
+def test_interrupted_matrix_writes_what_finished_and_leaves_no_run_behind(tmp_path):
+    """SIGTERM (or ctrl-C) an hour into a matrix: the run in flight is killed with its process tree,
+    and results.json keeps the scenarios that finished, marked interrupted, with exit code 130."""
+    import os
+    import signal
+    import subprocess
+    import time
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.Popen(
+        [sys.executable, "benchmarks/run.py", "--matrix", str(MATRICES / "cpu_smoke.yaml"), "--out", str(out),
+         "--work", str(work), "--set", "repeats=1", "--set", "precision=fp32", "--only", "^engine-none1-full-"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = work / "runs" / "engine-none1-full-fp32" / "r1"  # the baseline runs first
+    deadline = time.time() + 300
+    while not (second / "stdout.txt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    time.sleep(2)  # well inside the engine run
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["interrupted"] == "interrupted after 1 of 2 runs"
+    recs = {r["id"]: r for r in res["records"]}
+    assert recs["baseline"]["status"] == "ok" and recs["baseline"]["samples_per_s"] > 0
+    assert recs["engine-none1-full-fp32"]["status"] == "not run: the matrix was interrupted first"
+    assert "**Interrupted:**" in (out / "results.md").read_text()
+    leftovers = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if str(second) in cmdline:
+            leftovers.append(cmdline.replace("\0", " "))
+    assert not leftovers, leftovers
