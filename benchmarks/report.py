@@ -24,8 +24,8 @@ def num(x, fmt: str) -> str:
 
 def table(records: list[dict]) -> list[str]:
     head = ["scenario", "status", "samples/s", "x baseline", "real tok/s", "padded tok/s (padding)",
-            "step s: median (min–max)", "achieved FLOP/s", "MFU", "peak memory", "trainable", "base accuracy", "accuracy", "F1",
-            "time to target", "outside load (cores)"]
+            "step s: median (min–max)", "achieved FLOP/s", "MFU", "peak memory", "trainable", "base accuracy",
+            "accuracy", "F1", "time to target", "outside load (cores)"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         st = r["step_time_s"]
@@ -221,8 +221,8 @@ def summary(records: list[dict]) -> list[str]:
         if r["status"] != "ok":
             continue
         rows.append(f"| `{r['id']}`{' (baseline)' if r['scenario'].get('is_baseline') else ''} | "
-                    f"{num(r['samples_per_s'], '.3g')} | {num(r['ratio_to_baseline'], '.2f')} | {num(r['mfu'], '.1%')} | "
-                    f"{num(r.get('base_accuracy'), '.4f')} | {num(r['accuracy'], '.4f')} |")
+                    f"{num(r['samples_per_s'], '.3g')} | {num(r['ratio_to_baseline'], '.2f')} | "
+                    f"{num(r['mfu'], '.1%')} | {num(r.get('base_accuracy'), '.4f')} | {num(r['accuracy'], '.4f')} |")
     return rows
 
 

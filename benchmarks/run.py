@@ -391,7 +391,8 @@ def summarize(s: dict, runs: list[dict], shape, peaks: dict, datasheet: dict | N
            "mfu": None, "mfu_note": None, "mfu_datasheet": None, "peak_memory_bytes": None, "peak_memory_of": None,
            "trainable_params": None, "total_params": None,
            "non_embedding_params": shape.non_embedding_params if shape else None,
-           "accuracy": None, "f1": None, "base_accuracy": None, "base_f1": None, "target_accuracy": s["target_accuracy"], "time_to_target_s": None,
+           "accuracy": None, "f1": None, "base_accuracy": None, "base_f1": None,
+           "target_accuracy": s["target_accuracy"], "time_to_target_s": None,
            "curve": None, "ratio_to_baseline": None, "baseline_id": s.get("baseline_id"),
            "load": None, "disturbed": False, "repeats": runs}
     if not ok:
