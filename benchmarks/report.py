@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from benchmarks.matrix import model_label
+from engine.plots import pyplot, save
 
 PLOTS = ("throughput.png", "accuracy_vs_time.png", "scaling.png")
 
@@ -101,13 +102,6 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display on a server or in CI
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _color(r: dict) -> str:
     if r["scenario"].get("is_baseline"):
         return "#888888"
@@ -115,7 +109,7 @@ def _color(r: dict) -> str:
 
 
 def plot_throughput(records: list[dict], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     ok = [r for r in records if r["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.42 * max(1, len(ok))))
     if ok:
@@ -136,12 +130,11 @@ def plot_throughput(records: list[dict], path: Path) -> None:
     ax.set_title("Training throughput per scenario (grey: Trainer baseline, orange: Trainer, blue: engine)",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def plot_accuracy(records: list[dict], path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     drawn = 0
     for r in records:
@@ -161,13 +154,12 @@ def plot_accuracy(records: list[dict], path: Path) -> None:
     ax.set_ylabel("eval accuracy")
     ax.set_title("Accuracy against training time", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def plot_scaling(records: list[dict], path: Path) -> None:
     """samples/s against processes, one line per strategy within each otherwise-equal group."""
-    plt = _plt()
+    plt = pyplot()
     groups: dict[str, dict[str, list]] = {}
     for r in records:
         if r["status"] != "ok":
@@ -201,8 +193,7 @@ def plot_scaling(records: list[dict], path: Path) -> None:
     ax.set_xticks(sorted(nprocs) or [1])
     ax.set_title("Scaling with processes (same global batch)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def write(results: dict, out: Path) -> None:

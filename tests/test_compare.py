@@ -5,6 +5,7 @@ gets exactly the probabilities the test chose: what the report shows can be chec
 """
 import json
 import math
+import sys
 
 import numpy as np
 import pandas as pd
@@ -181,6 +182,21 @@ def test_vader_follows_its_compound_rule():
     want = np.where(c >= 0.05, POS, np.where(c <= -0.05, NEG, NEU))
     assert got.tolist() == want.tolist()
     assert c[2] == 0.0 and got[2] == NEU
+
+
+def test_missing_vader_names_the_extra_before_any_scoring(models, tmp_path, monkeypatch):
+    # vaderSentiment comes with the `compare` install extra; None in sys.modules makes its import fail
+    monkeypatch.setitem(sys.modules, "vaderSentiment", None)
+    monkeypatch.setitem(sys.modules, "vaderSentiment.vaderSentiment", None)
+    with pytest.raises(ModelError) as e:
+        VaderScorer("vader")
+    assert "\n" not in str(e.value) and "pip install -e '.[compare]'" in str(e.value)
+    out = tmp_path / "out"
+    recipe = load_recipe(None, [f"models=[{models['bertweet_like']},vader]", f"output_dir={out}"],
+                         schema=CompareRecipe)
+    with pytest.raises(ModelError, match=r"\[compare\]"):
+        compare(recipe)
+    assert not out.exists()  # refused before the first model was scored
 
 
 def test_model_without_trained_head_is_refused(tmp_path):

@@ -1,0 +1,28 @@
+"""Matplotlib for writing files: the one setup the comparison reports and the benchmark harness share."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: files only, no display on CI or servers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: Path, dpi: int, colors: Optional[int] = None) -> None:
+    """Write `fig` as a PNG and close it; `colors` quantises it to a palette of that many colours."""
+    plt = pyplot()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    if colors:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            small = im.convert("RGB").quantize(colors=colors)
+        small.save(path, optimize=True)
