@@ -77,7 +77,8 @@ def load_tokenizer(which: str):
     installed, else 'wordpiece'), or a folder / package:// path holding a tokenizer."""
     from transformers import AutoTokenizer
 
-    from engine.paths import MissingPackageError, resolve
+    from engine.errors import MissingPackageError
+    from engine.paths import resolve
 
     if which == "wordpiece":
         return wordpiece_tokenizer(), "wordpiece"

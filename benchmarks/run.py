@@ -92,7 +92,8 @@ class Preparer:
 
     def model_path(self, model) -> str:
         from benchmarks.build import build_model
-        from engine.paths import MissingPackageError, is_local, resolve
+        from engine.errors import MissingPackageError
+        from engine.paths import is_local, resolve
 
         key = json.dumps(model, sort_keys=True)
         if key not in self.models:
@@ -119,7 +120,8 @@ class Preparer:
 
     def data_source(self, data: dict) -> str:
         from benchmarks.build import build_data
-        from engine.paths import MissingPackageError, is_local, resolve
+        from engine.errors import MissingPackageError
+        from engine.paths import is_local, resolve
 
         if "synthetic" in data:
             return build_data(data["synthetic"], self.work / "data")

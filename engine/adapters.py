@@ -18,6 +18,7 @@ from torch import nn
 
 from engine import checkpoint, modeling
 from engine.config import Recipe
+from engine.errors import AdapterError
 
 # bitsandbytes warns at import, on every AVX512-BF16 CPU, that an optional kernel package is
 # missing; its fallback works, and the stray line would break the one-line error of bad input
@@ -33,10 +34,6 @@ DEFAULT_TARGETS = {
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # bitsandbytes' NF4 block: its CPU kernels need the input width of every 4-bit layer to be a multiple
 NF4_BLOCK = 64
-
-
-class AdapterError(ValueError):
-    """A LoRA / QLoRA setup that cannot work (missing layers, missing library); one line."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from engine.errors import CheckpointError
+
 WEIGHTS = "model.safetensors"
 
 
@@ -77,10 +79,6 @@ def write_json_atomic(path: str | Path, obj) -> None:
 
 CHECKPOINTS = "checkpoints"
 STEP_PREFIX = "step-"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used (corrupt, or from another run); one line."""
 
 
 def checkpoint_dirs(out_dir: str | Path) -> list[Path]:

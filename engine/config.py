@@ -16,9 +16,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class RecipeError(ValueError):
-    """A recipe or override that cannot be used; the message is one line naming file and key."""
+from engine.errors import RecipeError
 
 
 @dataclass

@@ -21,13 +21,10 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig
-from engine.paths import MissingPackageError, is_local, resolve
+from engine.errors import DataError, MissingPackageError
+from engine.paths import is_local, resolve
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl")
-
-
-class DataError(ValueError):
-    """Unusable data; the message is one line naming file, row and column."""
 
 
 @dataclass

@@ -17,10 +17,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from engine.config import DistributedConfig
-
-
-class DistributedSetupError(ValueError):
-    """A launch that cannot work (strategy without ranks, mesh that does not divide); one line."""
+from engine.errors import DistributedSetupError
 
 
 def usable_cores() -> int:

@@ -17,13 +17,10 @@ import torch
 
 from engine import adapters, checkpoint, data as data_lib, distributed, loop, modeling, signals
 from engine.config import Recipe, dump_recipe, to_dict
+from engine.errors import OutputDirError
 from engine.evaluation import evaluate
 from engine.precision import Precision
 from engine.tracking import Tracker
-
-
-class OutputDirError(ValueError):
-    """The output folder holds a finished run, or an unfinished one nobody asked to resume."""
 
 
 def seed_everything(seed: int) -> None:

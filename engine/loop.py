@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from engine.config import TrainConfig
 from engine.data import Tokenized, collate, model_inputs, prefetch, train_steps
+from engine.errors import StopTraining
 from engine.metrics import Throughput
 
 
@@ -56,10 +57,6 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Ten
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
-
-
-class StopTraining(RuntimeError):
-    """The run stopped early on purpose (signal, non-finite loss); the message says how to go on."""
 
 
 @dataclass

@@ -8,11 +8,8 @@ from safetensors import SafetensorError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from engine.config import ModelConfig
-from engine.paths import MissingPackageError, resolve
-
-
-class ModelError(ValueError):
-    """A model or tokenizer that cannot be loaded; one line."""
+from engine.errors import MissingPackageError, ModelError
+from engine.paths import resolve
 
 
 def _location(cfg: ModelConfig) -> str:

@@ -9,11 +9,9 @@ import importlib.util
 import os
 from pathlib import Path
 
+from engine.errors import MissingPackageError
+
 PACKAGE_SCHEME = "package://"
-
-
-class MissingPackageError(FileNotFoundError):
-    pass
 
 
 def resolve(uri: str) -> str:

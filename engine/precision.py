@@ -9,7 +9,7 @@ import contextlib
 
 import torch
 
-from engine.config import RecipeError
+from engine.errors import RecipeError
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

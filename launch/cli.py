@@ -23,8 +23,7 @@ def quiet_libraries() -> None:
 
 def run_main(main) -> None:
     """Run `main()`; bad input -> one line on stderr and exit 2; a crash -> traceback and exit 1."""
-    from engine.errors import USER_ERRORS
-    from engine.loop import StopTraining
+    from engine.errors import USER_ERRORS, StopTraining
 
     rank = os.environ.get("RANK")
     who = f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""

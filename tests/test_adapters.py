@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 import tiny
 from conftest import faults, run_cli, run_torchrun, tiny_overrides
 from engine import adapters, loop
-from engine.config import RecipeError, load_recipe
+from engine.config import load_recipe
+from engine.errors import RecipeError
 from engine.finetune import finetune
 
 ARCHS = ["distilbert", "bert", "roberta"]

@@ -1,7 +1,8 @@
 import pytest
 
 from conftest import ROOT, run_cli
-from engine.config import Recipe, RecipeError, dump_recipe, load_recipe
+from engine.config import Recipe, dump_recipe, load_recipe
+from engine.errors import RecipeError
 
 
 def test_defaults_are_the_seed_experiment():

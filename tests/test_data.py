@@ -4,8 +4,8 @@ import pytest
 
 import tiny
 from engine.config import DataConfig
-from engine.data import (DataError, Examples, collate, eval_batches, load_splits, stratified_subset,
-                         tokenize, train_steps)
+from engine.data import Examples, collate, eval_batches, load_splits, stratified_subset, tokenize, train_steps
+from engine.errors import DataError
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "tsv", "jsonl"])

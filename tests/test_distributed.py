@@ -4,7 +4,8 @@ import torch
 
 import tiny
 from engine.config import DistributedConfig
-from engine.distributed import Dist, DistributedSetupError, init, transformer_blocks
+from engine.distributed import Dist, init, transformer_blocks
+from engine.errors import DistributedSetupError
 
 
 @pytest.mark.parametrize("arch, block", [("bert", "BertLayer"), ("distilbert", "TransformerBlock"),

@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 
 from conftest import run_cli, tiny_overrides
 from engine.config import load_recipe
-from engine.finetune import OutputDirError, finetune
+from engine.errors import OutputDirError
+from engine.finetune import finetune
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,9 @@ import random
 import pytest
 
 from conftest import run_cli, tiny_overrides
-from engine.config import DataConfig, RecipeError, load_recipe
-from engine.data import DataError, load_splits
+from engine.config import DataConfig, load_recipe
+from engine.data import load_splits
+from engine.errors import DataError, RecipeError
 
 rng = random.Random(1234)
 RANDOM_BYTES = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))) for _ in range(40)]

@@ -67,7 +67,7 @@ def test_fp16_scaler_skips_overflow_steps():
 
 
 def test_bf16_on_a_gpu_without_bf16_stops_with_one_line(monkeypatch):
-    from engine.config import RecipeError
+    from engine.errors import RecipeError
     from engine.precision import Precision
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")

@@ -12,8 +12,9 @@ import numpy as np
 from engine import data as data_lib
 from engine.compare.polarity import POLARITIES, map_labels
 from engine.compare.recipe import CompareData, CompareRecipe, Phrase
-from engine.config import DataConfig, RecipeError
-from engine.data import DataError, Examples
+from engine.config import DataConfig
+from engine.data import Examples
+from engine.errors import DataError, RecipeError
 
 
 def load_phrases(recipe: CompareRecipe) -> list[Phrase]:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from engine.config import RecipeError
+from engine.errors import RecipeError
 from engine.metrics import brier_score, classification_metrics, expected_calibration_error, softmax
 
 POLARITIES = ("negative", "neutral", "positive")

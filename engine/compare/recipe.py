@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from engine.compare.polarity import POLARITIES
-from engine.config import DataConfig, RecipeError
+from engine.config import DataConfig
+from engine.errors import RecipeError
 
 VADER = "vader"  # the VADER lexicon, named in `models` like a model
 SEED_MODELS = ["finiteautomata/bertweet-base-sentiment-analysis", "ProsusAI/finbert",

@@ -14,7 +14,7 @@ from engine.compare.polarity import POLARITIES, LabelMap
 from engine.compare.recipe import VADER, CompareRecipe
 from engine.config import ModelConfig
 from engine.data import Examples
-from engine.modeling import ModelError
+from engine.errors import ModelError
 
 # VADER's authors call a compound score >= 0.05 positive, <= -0.05 negative, neutral in between.
 # Logits scale * (-c, 0.05, c) keep exactly that decision under softmax; the scale only sets how
