@@ -58,6 +58,9 @@ class TrainConfig:
     lr: float = 2e-5
     weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
     warmup_ratio: float = 0.0
+    # lr after warm-up: linear or cosine decay to min_lr_ratio * lr at the last step, or constant
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; weights stay fp32
     group_by_length: bool = True  # batches of similar lengths: less padding
@@ -130,6 +133,8 @@ class Recipe:
             raise RecipeError(f"{where}: 'train.lr' must be > 0, got {t.lr}")
         if not 0 <= t.warmup_ratio < 1:
             raise RecipeError(f"{where}: 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
+        if not 0 <= t.min_lr_ratio <= 1:
+            raise RecipeError(f"{where}: 'train.min_lr_ratio' must be in [0, 1], got {t.min_lr_ratio}")
         for key, value in {"data.train_size": d.train_size, "data.eval_size": d.eval_size}.items():
             if value is not None and value < 1:
                 raise RecipeError(f"{where}: '{key}' must be >= 1, got {value}")

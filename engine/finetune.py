@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import adapters, checkpoint, data as data_lib, distributed, loop, modeling, signals
+from engine import adapters, checkpoint, data as data_lib, distributed, loop, modeling, optim, signals
 from engine.config import Recipe, dump_recipe, to_dict
 from engine.errors import OutputDirError
 from engine.evaluation import evaluate
@@ -90,9 +90,8 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
         tracker.message(f"{peft}: {counts['trainable_params']:,} of {counts['total_params']:,} parameters "
                         f"train ({counts['trainable_share']:.2%})")
 
-    optimizer = loop.build_optimizer(model, train_cfg)  # after wrapping: FSDP swaps the parameters
-    warmup = int(train_cfg.warmup_ratio * tracker_steps)
-    scheduler = loop.linear_schedule(optimizer, warmup, tracker_steps)
+    optimizer = optim.build_optimizer(model, train_cfg)  # after wrapping: FSDP swaps the parameters
+    scheduler = optim.build_schedule(optimizer, train_cfg, tracker_steps)
     state = None
     if saved:
         checkpoint.load_training_state(resume_from, model, optimizer, scheduler, precision, dist)

@@ -18,29 +18,6 @@ from engine.errors import StopTraining
 from engine.metrics import Throughput
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and LayerNorm weights (every parameter under 2 dims)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    try:  # one fused kernel per step instead of a dozen per tensor
-        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
-    except (RuntimeError, TypeError):  # fused is not offered for every device and tensor type
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def linear_schedule(optimizer, warmup_steps: int, total_steps: int):
-    """Linear warm-up from 0 to lr, then linear decay to 0 at the last step."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def total_steps(n_examples: int, cfg: TrainConfig, world: int) -> tuple[int, int]:
     """(optimizer steps per epoch, steps the run takes)."""
     per_epoch = n_examples // (cfg.batch_size * cfg.grad_accum * world)
