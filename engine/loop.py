@@ -1,4 +1,5 @@
-"""The training loop: micro-batches -> loss -> backward -> clip -> step -> schedule, plus eval hooks.
+"""The training loop. train_step: micro-batches -> loss -> backward -> clip -> step -> schedule;
+train: runs the steps and keeps the books (logging, evals, checkpoint timing, signals) through hooks.
 
 One loop for every strategy: DDP, FSDP and PEFT change how the model is wrapped (engine/
 distributed.py, engine/adapters.py), never these lines.
@@ -58,6 +59,127 @@ class Hooks:
     stop_requested: Callable[[], bool] = lambda: False
 
 
+def forward_backward(model, micro: list[dict], precision, dist, window: torch.Tensor) -> None:
+    """Forward and backward over the micro-batches of one optimizer step; gradients accumulate.
+
+    Adds each micro-batch's loss sum and example count to `window` (on the device: no sync per step).
+    """
+    examples = sum(len(b["labels"]) for b in micro) * dist.world  # in the whole global step
+    for m, batch in enumerate(micro):
+        labels = batch["labels"].to(dist.device, non_blocking=True)
+        with dist.grad_sync(model, sync=m == len(micro) - 1):
+            with precision.autocast():
+                logits = model(**model_inputs(batch, dist.device)).logits
+            loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+            # sum over every example of the global step / their count; DDP and FSDP
+            # average gradients over ranks, hence the factor world
+            precision.backward(loss_sum * (dist.world / examples))
+        window[0] += loss_sum.detach()
+        window[1] += len(labels)
+
+
+def train_step(model, optimizer, scheduler, micro: list[dict], params: list[torch.Tensor], cfg: TrainConfig,
+               precision, dist, state: LoopState, window: torch.Tensor) -> torch.Tensor:
+    """One optimizer step: micro-batches, loss, backward, clip, step, schedule. Returns the grad norm."""
+    forward_backward(model, micro, precision, dist, window)
+    precision.unscale(optimizer)
+    norm = grad_norm_and_clip(params, cfg.max_grad_norm)
+    # the norm is global (all ranks' gradients), so every rank takes the same branch;
+    # fp16's scaler skips such steps itself
+    if precision.scaler is None and not torch.isfinite(norm):
+        raise StopTraining(f"step {state.step + 1}: loss or gradients are not finite "
+                           f"(grad norm {float(norm)}); weights were not updated")
+    if not precision.step(optimizer):
+        state.skipped_steps += 1
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.step_in_epoch += 1
+    return norm
+
+
+class Bookkeeping:
+    """Around the steps: logging, evals, checkpoints and stops, on a clock that counts training only."""
+
+    def __init__(self, state: LoopState, cfg: TrainConfig, dist, hooks: Hooks, tracker, checkpoint_every: int):
+        self.state, self.cfg, self.dist, self.hooks, self.tracker = state, cfg, dist, hooks, tracker
+        self.checkpoint_every = checkpoint_every
+        self.clock = Throughput()
+        self.window = torch.tensor(state.window, dtype=torch.float64, device=dist.device)  # no sync per step
+        self.logged_at = state.step
+        if state.step:
+            tracker.progress(state.step)
+
+    def count(self, micro: list[dict]) -> None:
+        for batch in micro:
+            mask = batch["attention_mask"]
+            self.clock.add(len(mask), int(mask.sum()), mask.numel())
+
+    def after_step(self, norm: torch.Tensor, lr: float, n_steps: int, at_epoch_end: bool) -> None:
+        state, cfg = self.state, self.cfg
+        if state.step % cfg.log_every == 0 or state.step == n_steps:
+            self.log(norm, lr)
+        if cfg.eval_every and state.step % cfg.eval_every == 0:
+            self.evaluate()
+        if self.checkpoint_every and state.step % self.checkpoint_every == 0 and not at_epoch_end:
+            self.save()
+        if self.hooks.stop_requested():
+            self.save()
+            raise StopTraining(f"stopped by a signal at step {state.step}")
+
+    def log(self, norm: torch.Tensor, lr: float) -> None:
+        state, world = self.state, self.dist.world
+        totals = self.dist.all_reduce_sum(self.window.clone())
+        state.final_loss = float(totals[0] / max(totals[1], 1))
+        rate = self.clock.summary()
+        self.tracker.scalars(state.step, {
+            "train/loss": state.final_loss, "train/lr": lr,
+            "train/grad_norm": float(norm), "train/samples_per_s": rate["samples_per_s"] * world,
+            "train/tokens_per_s": rate["real_tokens_per_s"] * world,
+            "train/padding_share": rate["padding_share"],
+        })
+        self.tracker.progress(state.step - self.logged_at, loss=state.final_loss,
+                              samples_s=rate["samples_per_s"] * world)
+        self.logged_at = state.step
+        self.window.zero_()
+
+    def evaluate(self) -> None:
+        state = self.state
+        if state.evals and state.evals[-1]["step"] == state.step:
+            return  # an epoch end that eval_every already covered
+        self.clock.pause()
+        try:
+            metrics = self.hooks.evaluate()
+        finally:
+            self.clock.start()
+        state.evals.append({"step": state.step, "epoch": state.epoch, **metrics})
+        self.tracker.scalars(state.step, {k: metrics[k] for k in ("accuracy", "f1", "loss", "ece")}, "eval/")
+        self.tracker.message(f"step {state.step}: eval accuracy {metrics['accuracy']:.4f}  f1 {metrics['f1']:.4f}")
+        if self.cfg.keep_best and (state.best is None or metrics["accuracy"] > state.best["accuracy"]):
+            state.best = state.evals[-1]
+            self.hooks.keep_best(state)
+
+    def save(self) -> None:
+        self.clock.pause()
+        self.state.window = self.window.tolist()
+        self.hooks.checkpoint(self.state)
+        self.clock.start()
+
+    def throughput(self, steps_per_epoch: int) -> dict:
+        self.clock.pause()
+        rate = self.clock.summary()
+        # each rank counted its own share: the global rate is their sum
+        summed = self.dist.all_reduce_sum(torch.tensor(
+            [rate["samples"], rate["samples_per_s"], rate["real_tokens_per_s"], rate["padded_tokens_per_s"]],
+            dtype=torch.float64, device=self.dist.device))
+        return {
+            "steps": self.state.step, "steps_per_epoch": steps_per_epoch, "train_seconds": rate["train_seconds"],
+            "samples": int(summed[0]), "samples_per_s": float(summed[1]),
+            "real_tokens_per_s": float(summed[2]), "padded_tokens_per_s": float(summed[3]),
+            "padding_share": rate["padding_share"], "skipped_steps": self.state.skipped_steps,
+        }
+
+
 def train(model, optimizer, scheduler, data: Tokenized, cfg: TrainConfig, precision, dist, *,
           seed: int, pad_id: int, pad_left: bool, hooks: Hooks, tracker, checkpoint_every: int = 0,
           state: Optional[LoopState] = None) -> tuple[LoopState, dict]:
@@ -65,38 +187,9 @@ def train(model, optimizer, scheduler, data: Tokenized, cfg: TrainConfig, precis
     steps_per_epoch, n_steps = total_steps(len(data), cfg, dist.world)
     params = [p for p in model.parameters() if p.requires_grad]
     state = state or LoopState()
-    clock = Throughput()
-    window = torch.tensor(state.window, dtype=torch.float64, device=dist.device)  # no sync per step
-    logged_at = state.step
-    if state.step:
-        tracker.progress(state.step)
+    books = Bookkeeping(state, cfg, dist, hooks, tracker, checkpoint_every)
     model.train()
-
-    def run_eval() -> None:
-        if state.evals and state.evals[-1]["step"] == state.step:
-            return  # an epoch end that eval_every already covered
-        metrics = evaluate_paused()
-        state.evals.append({"step": state.step, "epoch": state.epoch, **metrics})
-        tracker.scalars(state.step, {k: metrics[k] for k in ("accuracy", "f1", "loss", "ece")}, "eval/")
-        tracker.message(f"step {state.step}: eval accuracy {metrics['accuracy']:.4f}  f1 {metrics['f1']:.4f}")
-        if cfg.keep_best and (state.best is None or metrics["accuracy"] > state.best["accuracy"]):
-            state.best = state.evals[-1]
-            hooks.keep_best(state)
-
-    def evaluate_paused() -> dict:
-        clock.pause()
-        try:
-            return hooks.evaluate()
-        finally:
-            clock.start()
-
-    def save() -> None:
-        clock.pause()
-        state.window = window.tolist()
-        hooks.checkpoint(state)
-        clock.start()
-
-    clock.start()
+    books.clock.start()
     while state.step < n_steps:
         plan = train_steps(data.lengths, cfg.batch_size, cfg.grad_accum, state.epoch, seed, dist.world,
                            dist.rank, cfg.group_by_length)
@@ -104,70 +197,11 @@ def train(model, optimizer, scheduler, data: Tokenized, cfg: TrainConfig, precis
         plan = plan[state.step_in_epoch: state.step_in_epoch + n_steps - state.step]
         batches = prefetch([collate(data, idx, pad_id, pad_left) for idx in micro] for micro in plan)
         for micro in batches:
-            examples = sum(len(b["labels"]) for b in micro) * dist.world  # in the whole global step
-            for m, batch in enumerate(micro):
-                labels = batch["labels"].to(dist.device, non_blocking=True)
-                with dist.grad_sync(model, sync=m == len(micro) - 1):
-                    with precision.autocast():
-                        logits = model(**model_inputs(batch, dist.device)).logits
-                    loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
-                    # sum over every example of the global step / their count; DDP and FSDP
-                    # average gradients over ranks, hence the factor world
-                    precision.backward(loss_sum * (dist.world / examples))
-                window[0] += loss_sum.detach()
-                window[1] += len(labels)
-                mask = batch["attention_mask"]
-                clock.add(len(mask), int(mask.sum()), mask.numel())
-            precision.unscale(optimizer)
-            norm = grad_norm_and_clip(params, cfg.max_grad_norm)
-            # the norm is global (all ranks' gradients), so every rank takes the same branch;
-            # fp16's scaler skips such steps itself
-            if precision.scaler is None and not torch.isfinite(norm):
-                raise StopTraining(f"step {state.step + 1}: loss or gradients are not finite "
-                                   f"(grad norm {float(norm)}); weights were not updated")
-            if not precision.step(optimizer):
-                state.skipped_steps += 1
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.step_in_epoch += 1
-
-            if state.step % cfg.log_every == 0 or state.step == n_steps:
-                totals = dist.all_reduce_sum(window.clone())
-                state.final_loss = float(totals[0] / max(totals[1], 1))
-                rate = clock.summary()
-                tracker.scalars(state.step, {
-                    "train/loss": state.final_loss, "train/lr": scheduler.get_last_lr()[0],
-                    "train/grad_norm": float(norm), "train/samples_per_s": rate["samples_per_s"] * dist.world,
-                    "train/tokens_per_s": rate["real_tokens_per_s"] * dist.world,
-                    "train/padding_share": rate["padding_share"],
-                })
-                tracker.progress(state.step - logged_at, loss=state.final_loss,
-                                 samples_s=rate["samples_per_s"] * dist.world)
-                logged_at = state.step
-                window.zero_()
-            if cfg.eval_every and state.step % cfg.eval_every == 0:
-                run_eval()
-            at_epoch_end = state.step_in_epoch == epoch_len
-            if checkpoint_every and state.step % checkpoint_every == 0 and not at_epoch_end:
-                save()
-            if hooks.stop_requested():
-                save()
-                raise StopTraining(f"stopped by a signal at step {state.step}")
+            norm = train_step(model, optimizer, scheduler, micro, params, cfg, precision, dist, state, books.window)
+            books.count(micro)
+            books.after_step(norm, scheduler.get_last_lr()[0], n_steps, state.step_in_epoch == epoch_len)
         state.epoch += 1
         state.step_in_epoch = 0
-        run_eval()  # at each epoch end, and at the last step
-        save()
-    clock.pause()
-    rate = clock.summary()
-    # each rank counted its own share: the global rate is their sum
-    summed = dist.all_reduce_sum(torch.tensor(
-        [rate["samples"], rate["samples_per_s"], rate["real_tokens_per_s"], rate["padded_tokens_per_s"]],
-        dtype=torch.float64, device=dist.device))
-    throughput = {
-        "steps": state.step, "steps_per_epoch": steps_per_epoch, "train_seconds": rate["train_seconds"],
-        "samples": int(summed[0]), "samples_per_s": float(summed[1]),
-        "real_tokens_per_s": float(summed[2]), "padded_tokens_per_s": float(summed[3]),
-        "padding_share": rate["padding_share"], "skipped_steps": state.skipped_steps,
-    }
-    return state, throughput
+        books.evaluate()  # at each epoch end, and at the last step
+        books.save()
+    return state, books.throughput(steps_per_epoch)
