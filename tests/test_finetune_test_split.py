@@ -69,3 +69,21 @@ def test_without_test_split_nothing_changes(tiny_bert, tiny_data, tmp_path):
 def test_bad_test_split_settings(over, match):
     with pytest.raises(RecipeError, match=match):
         load_recipe(None, over)
+
+
+def test_qlora_reports_the_snapshots_on_test_and_the_4bit_model_on_dev(tiny_data, tmp_path):
+    import tiny
+    from engine.evaluation import evaluate_pretrained
+
+    wide = tiny.make_model(tmp_path / "wide", "bert", hidden=64, vocab_size=4000, init_range=0.1)
+    out = tmp_path / "run"
+    recipe = load_recipe(None, tiny_overrides(wide, tiny_data, out) + [
+        "peft.method=qlora", "train.epochs=2", "train.lr=1e-2", "train.precision=fp32",
+        "data.eval_split=null", "data.holdout_size=32", "data.test_split=test", "train.keep_best=true"])
+    m = finetune(recipe)
+    assert m["peft"]["quantized"] == m["dev"]  # what selected: the 4-bit model as it trained
+    assert m["dev"]["tuned"]["n"] == 32 and m["tuned"]["n"] == 33
+    for side in ("base", "tuned"):
+        scored = evaluate_pretrained(str(out / side), recipe.data, "test")
+        assert scored["accuracy"] == pytest.approx(m[side]["accuracy"])
+        assert scored["loss"] == pytest.approx(m[side]["loss"], abs=1e-5)
