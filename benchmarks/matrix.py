@@ -63,7 +63,8 @@ SETTINGS: dict[str, Any] = {
 }
 TOP_KEYS = {"name", "description", "settings", "axes", "scenarios", "exclude", "baseline", "max_outside_load"}
 DATA_KEYS = {"source", "synthetic", "train_split", "eval_split", "text_column", "label_column", "label_names",
-             "where", "rename_columns", "encoding", "train_size", "eval_size", "holdout_size"}
+             "where", "rename_columns", "encoding", "train_size", "eval_size", "holdout_size", "test_split",
+             "test_size", "truncation", "head_tokens"}
 CHOICES = {"runner": ("engine", "trainer"), "strategy": ("none", "ddp", "fsdp"),
            "method": ("full", "lora", "qlora"), "precision": ("fp32", "bf16", "fp16")}
 POSITIVE_INTS = ("max_length", "nproc", "batch_size", "grad_accum", "eval_batch_size", "repeats",

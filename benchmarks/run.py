@@ -342,7 +342,8 @@ def read_engine(run_dir: Path, s: dict) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     line = engine_timeline(run_dir, s, metrics)
     out = timed(line, s["warmup_steps"])
-    curve = [{"step": 0, "t": 0.0, "accuracy": metrics["base"]["accuracy"]}]
+    # the curve is the selection set's (with data.test_split, base/tuned are the test figures; dev the curve's)
+    curve = [{"step": 0, "t": 0.0, "accuracy": metrics.get("dev", metrics)["base"]["accuracy"]}]
     curve += [{"step": e["step"], "t": round(clock_at(line, e["step"]), 3), "accuracy": e["accuracy"]}
               for e in metrics.get("evals", [])]
     train = metrics["train"]

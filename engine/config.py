@@ -41,10 +41,19 @@ class DataConfig:
     # train's `sentence`), so one text_column/label_column serves splits that name it differently
     rename_columns: dict[str, str] = field(default_factory=dict)
     encoding: str = "utf-8"  # of csv/tsv/jsonl/txt files (Financial PhraseBank is latin-1)
-    max_length: int = 512  # tokens; longer texts are truncated
+    max_length: int = 512  # tokens, special tokens included; longer texts are cut (data.truncation)
+    # which tokens of a long text are kept: head (the first), tail (the last), or head_tail: the
+    # first head_tokens and the last (max_length - head_tokens - special tokens). IMDB reviews often
+    # give their verdict at the end (Sun et al. 2019 found the first 128 + last 382 best on IMDB)
+    truncation: Literal["head", "tail", "head_tail"] = "head"
+    head_tokens: int = 128  # head_tail only
     train_size: Optional[int] = None  # seeded, stratified subset of the train split
     eval_size: Optional[int] = None  # seeded, stratified subset of the eval split
     holdout_size: int = 0  # examples held out of train (seeded, stratified) to evaluate on
+    # scored once at the end, base and tuned: the figures of metrics.json's base/tuned; the eval set
+    # (eval_split or holdout) then only selects (eval_every, keep_best), its scores go to `evals`
+    test_split: Optional[str] = None
+    test_size: Optional[int] = None  # seeded, stratified subset of the test split
     cache_dir: Optional[str] = None  # tokenized cache (default ~/.cache/sentiment-engine)
 
 
@@ -135,7 +144,8 @@ class Recipe:
             raise RecipeError(f"{where}: 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
         if not 0 <= t.min_lr_ratio <= 1:
             raise RecipeError(f"{where}: 'train.min_lr_ratio' must be in [0, 1], got {t.min_lr_ratio}")
-        for key, value in {"data.train_size": d.train_size, "data.eval_size": d.eval_size}.items():
+        for key, value in {"data.train_size": d.train_size, "data.eval_size": d.eval_size,
+                           "data.test_size": d.test_size}.items():
             if value is not None and value < 1:
                 raise RecipeError(f"{where}: '{key}' must be >= 1, got {value}")
         if d.holdout_size and d.eval_split:
@@ -143,6 +153,16 @@ class Recipe:
                               f"set data.eval_split=null to use it (got eval_split={d.eval_split!r})")
         if not d.holdout_size and not d.eval_split:
             raise RecipeError(f"{where}: no eval set: set 'data.eval_split' or 'data.holdout_size'")
+        if d.test_split is not None and d.test_split in (d.train_split, d.eval_split):
+            raise RecipeError(f"{where}: 'data.test_split' ({d.test_split!r}) must differ from data.train_split "
+                              f"and data.eval_split: the test set is scored, never trained or selected on "
+                              f"(carve a dev set from train: data.eval_split=null data.holdout_size=N)")
+        if d.test_size is not None and d.test_split is None:
+            raise RecipeError(f"{where}: 'data.test_size' needs 'data.test_split'")
+        # the special tokens are counted against the tokenizer when tokenizing; here, what is known
+        if d.truncation == "head_tail" and not 0 < d.head_tokens < d.max_length:
+            raise RecipeError(f"{where}: 'data.head_tokens' must be in 1..{d.max_length - 1} (below "
+                              f"data.max_length, leaving room for the tail), got {d.head_tokens}")
         p = self.peft
         if p.r < 1:
             raise RecipeError(f"{where}: 'peft.r' must be >= 1, got {p.r}")

@@ -39,6 +39,7 @@ class Splits:
     train: Examples
     eval: Examples
     label_names: list[str]
+    test: Optional[Examples] = None  # data.test_split: scored once at the end
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,7 +69,13 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         train = take(train, stratified_subset(train.labels, cfg.train_size, seed))
     if cfg.eval_size is not None and cfg.eval_size < len(evals.texts):
         evals = take(evals, stratified_subset(evals.labels, cfg.eval_size, seed + 1))
-    return Splits(train, evals, names)
+    test = None
+    if cfg.test_split:
+        test_raw = read_split(cfg, cfg.test_split)
+        test = Examples(test_raw.texts, label_ids(test_raw, cfg, names)[1], test_raw.origin)
+        if cfg.test_size is not None and cfg.test_size < len(test.texts):
+            test = take(test, stratified_subset(test.labels, cfg.test_size, seed + 2))
+    return Splits(train, evals, names, test)
 
 
 def load_eval_split(cfg: DataConfig, split: str, label_names: Optional[list[str]] = None,
@@ -316,11 +323,13 @@ def default_cache_dir() -> Path:
     return Path(base) / "sentiment-engine" / "tokens"
 
 
-def tokenize(examples: Examples, tokenizer, max_length: int, cache_dir: Optional[str] = None) -> Tokenized:
-    """Token ids for every text, truncated to max_length; read from the cache when seen before."""
+def tokenize(examples: Examples, tokenizer, max_length: int, cache_dir: Optional[str] = None,
+             truncation: str = "head", head_tokens: int = 0) -> Tokenized:
+    """Token ids for every text, cut to max_length (see DataConfig.truncation); read from the cache
+    when seen before."""
     digest = hashlib.sha256()
     digest.update(_tokenizer_fingerprint(tokenizer).encode())
-    digest.update(str(max_length).encode())
+    digest.update(f"{max_length}|{truncation}|{head_tokens if truncation == 'head_tail' else 0}".encode())
     for text in examples.texts:
         digest.update(text.encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
@@ -333,14 +342,58 @@ def tokenize(examples: Examples, tokenizer, max_length: int, cache_dir: Optional
             return Tokenized(np.split(flat, offsets[1:-1]), examples.labels)
         except Exception:  # a damaged cache file is rebuilt, never trusted
             pass
-    enc = tokenizer(examples.texts, truncation=True, max_length=max_length, padding=False)
-    ids = [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]
+    if truncation == "head":
+        enc = tokenizer(examples.texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
+    else:
+        enc = _cut_from_both_ends(examples.texts, tokenizer, max_length, truncation, head_tokens)
+    ids = [np.asarray(x, dtype=np.int32) for x in enc]
     offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])])
     folder.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(f".{os.getpid()}.tmp.npz")
     np.savez(tmp, ids=np.concatenate(ids) if ids else np.zeros(0, np.int32), offsets=offsets)
     os.replace(tmp, file)
     return Tokenized(ids, examples.labels)
+
+
+def _cut_from_both_ends(texts: list[str], tokenizer, max_length: int, truncation: str,
+                        head_tokens: int) -> list[list[int]]:
+    """tail: the last tokens of each text; head_tail: its first head_tokens and its last ones;
+    max_length in all, the tokenizer's own special tokens included."""
+    budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    keep_head = head_tokens if truncation == "head_tail" else 0
+    if budget - keep_head < 1:
+        raise DataError(f"data.max_length={max_length} leaves {budget} tokens after the tokenizer's "
+                        f"{max_length - budget} special tokens: no room for a tail after "
+                        f"data.head_tokens={keep_head}")
+    prefix, suffix = special_token_layout(tokenizer)
+    # verbose=False: texts longer than the model are expected here, they are cut below
+    bodies = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    out = []
+    for body in bodies:
+        if len(body) > budget:
+            body = body[:keep_head] + body[len(body) - (budget - keep_head):]
+        out.append(prefix + list(body) + suffix)
+    return out
+
+
+def special_token_layout(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a single text ([CLS] / [SEP], <s> /
+    </s>, a decoder's BOS, or none), read from its own output on a probe text.
+
+    transformers 5's fast tokenizers have no build_inputs_with_special_tokens; their
+    post-processor only runs inside encoding, so the layout is read from an encoded probe.
+    """
+    enc = tokenizer("a b c", add_special_tokens=True, return_special_tokens_mask=True)
+    ids, mask = enc["input_ids"], enc["special_tokens_mask"]
+    body = [i for i, m in enumerate(mask) if not m]
+    if not body:
+        raise DataError(f"{type(tokenizer).__name__}: the probe text tokenizes to special tokens only")
+    prefix, suffix = ids[:body[0]], ids[body[-1] + 1:]
+    if len(prefix) + len(suffix) != tokenizer.num_special_tokens_to_add(pair=False) or \
+            any(mask[body[0]:body[-1] + 1]):
+        raise DataError(f"{type(tokenizer).__name__}: its special tokens are not a fixed prefix and "
+                        f"suffix around the text; use data.truncation=head")
+    return list(prefix), list(suffix)
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:

@@ -37,6 +37,10 @@ class MissingPackageError(FileNotFoundError):
     """A `package://` path into a package that is not installed (callers turn it into their own error)."""
 
 
+class PackagePartsError(MissingPackageError):
+    """A multi-part archive with a piece missing, out of order, or not a zip once joined."""
+
+
 class StopTraining(RuntimeError):
     """The run stopped early on purpose (signal, non-finite loss); the message says how to go on."""
 

@@ -64,7 +64,8 @@ def evaluate_pretrained(model_path: str, data_cfg, split: str, batch_size: int =
     model = modeling.load_model(mcfg, tokenizer=tokenizer)
     names = modeling.label_names_of(model)
     examples = data_lib.load_eval_split(data_cfg, split, data_cfg.label_names or names)
-    tokens = data_lib.tokenize(examples, tokenizer, data_cfg.max_length, data_cfg.cache_dir)
+    tokens = data_lib.tokenize(examples, tokenizer, data_cfg.max_length, data_cfg.cache_dir,
+                               truncation=data_cfg.truncation, head_tokens=data_cfg.head_tokens)
     dist = Dist()
     metrics = evaluate(model, tokens, names, batch_size, Precision(precision_name, dist.device), dist,
                        tokenizer.pad_token_id, tokenizer.padding_side == "left")

@@ -46,8 +46,11 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     tokenizer = modeling.load_tokenizer(recipe.model)
     model = modeling.load_model(recipe.model, splits.label_names, tokenizer)
     pad_id, pad_left = tokenizer.pad_token_id, tokenizer.padding_side == "left"
-    train_set = data_lib.tokenize(splits.train, tokenizer, recipe.data.max_length, recipe.data.cache_dir)
-    eval_set = data_lib.tokenize(splits.eval, tokenizer, recipe.data.max_length, recipe.data.cache_dir)
+    d = recipe.data
+    cut = dict(truncation=d.truncation, head_tokens=d.head_tokens)
+    train_set = data_lib.tokenize(splits.train, tokenizer, d.max_length, d.cache_dir, **cut)
+    eval_set = data_lib.tokenize(splits.eval, tokenizer, d.max_length, d.cache_dir, **cut)
+    test_set = data_lib.tokenize(splits.test, tokenizer, d.max_length, d.cache_dir, **cut) if splits.test else None
     check_sizes(len(train_set), len(eval_set), train_cfg, dist)
     fingerprint = run_fingerprint(recipe, model, len(train_set), len(eval_set), dist)
     saved = checkpoint.read_state(resume_from) if resume_from else None
@@ -72,16 +75,18 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
         return evaluate(model, eval_set, splits.label_names, train_cfg.eval_batch_size, precision,
                         dist, pad_id, pad_left)
 
-    def run_eval_of(folder: Path) -> dict:  # a saved snapshot, scored on every rank
+    def run_eval_of(folder: Path, dataset=eval_set) -> dict:  # a saved snapshot, scored on every rank
         snapshot = modeling.load_model(dataclasses.replace(recipe.model, name_or_path=str(folder), revision=None))
-        return evaluate(snapshot.to(dist.device), eval_set, splits.label_names, train_cfg.eval_batch_size,
+        return evaluate(snapshot.to(dist.device), dataset, splits.label_names, train_cfg.eval_batch_size,
                         precision, dist, pad_id, pad_left)
 
     base_metrics = saved["base_metrics"] if saved else run_eval()
     tracker_steps = loop.total_steps(len(train_set), train_cfg, dist.world)[1]
     tracker = Tracker(out, dist.is_main, tracker_steps)
     tracker.message(f"train {len(train_set)} examples from {splits.train.origin}; "
-                    f"eval {len(eval_set)} from {splits.eval.origin}; {dist.world} process(es), "
+                    f"eval {len(eval_set)} from {splits.eval.origin}; "
+                    + (f"test {len(test_set)} from {splits.test.origin}; " if test_set else "")
+                    + f"{dist.world} process(es), "
                     f"{torch.get_num_threads()} thread(s) each, strategy {dist.strategy}, "
                     f"precision {train_cfg.precision}")
     tracker.message(f"base{' (4-bit, as it trains)' if peft == 'qlora' else ''}: "
@@ -138,7 +143,22 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     exported, quantized = None, None
     if dist.is_main and peft != "none":
         exported = adapters.export(dist.unwrap(model), weights, out, tokenizer, recipe)
-    if peft == "qlora":
+    if dist.is_main:
+        if exported:
+            tuned_sha = exported["tuned_sha256"]
+        else:
+            tuned_sha = checkpoint.save_snapshot(dist.unwrap(model), tokenizer, out / "tuned", state_dict=weights)
+    dev = None
+    if test_set is not None:
+        # selection happened on the eval (dev) set; the reported figures are base/ and tuned/ as
+        # saved, each scored once on the test set
+        dist.barrier()
+        dev = {"base": base_metrics, "tuned": tuned_metrics}
+        quantized = dev if peft == "qlora" else None  # dev figures are the 4-bit model's, as it trained
+        base_metrics, tuned_metrics = run_eval_of(out / "base", test_set), run_eval_of(out / "tuned", test_set)
+        tracker.message(f"test: base accuracy {base_metrics['accuracy']:.4f}, tuned {tuned_metrics['accuracy']:.4f} "
+                        f"(n {tuned_metrics['n']}); selected on dev: tuned {dev['tuned']['accuracy']:.4f}")
+    elif peft == "qlora":
         # what trained was a 4-bit copy: score base/ and the merged tuned/ as saved, so the
         # metrics stay those of the snapshots; the 4-bit figures are kept beside them
         dist.barrier()
@@ -146,10 +166,6 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
         base_metrics, tuned_metrics = run_eval_of(out / "base"), run_eval_of(out / "tuned")
     report = None
     if dist.is_main:
-        if exported:
-            tuned_sha = exported["tuned_sha256"]
-        else:
-            tuned_sha = checkpoint.save_snapshot(dist.unwrap(model), tokenizer, out / "tuned", state_dict=weights)
         report = {
             "base": {**base_metrics, "sha256": checkpoint.file_sha256(out / "base" / checkpoint.WEIGHTS),
                      "path": str(out / "base")},
@@ -166,6 +182,9 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
                      "train_n": len(train_set), "eval_n": len(eval_set), "labels": splits.label_names},
             "wall_seconds": round(time.perf_counter() - started, 1),
         }
+        if dev is not None:  # base/tuned above are the test figures; these are the selection set's
+            report["dev"] = {side: {k: m[k] for k in ("accuracy", "f1", "loss", "ece", "n")} for side, m in dev.items()}
+            report["data"].update(test=splits.test.origin, test_n=len(test_set))
         if exported:
             report["peft"] = {
                 "method": peft, "r": recipe.peft.r, "alpha": recipe.peft.alpha, "dropout": recipe.peft.dropout,

@@ -18,6 +18,9 @@ def main() -> int:
     p.add_argument("--label-column", default="label")
     p.add_argument("--label-names", help="comma-separated class names for string labels, in model order")
     p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--truncation", default="head", choices=["head", "tail", "head_tail"],
+                   help="as data.truncation in the recipe the model was trained with")
+    p.add_argument("--head-tokens", type=int, default=128, help="as data.head_tokens (head_tail)")
     p.add_argument("--size", type=int, help="evaluate a seeded, stratified subset of this size")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -31,6 +34,7 @@ def main() -> int:
 
     data_cfg = DataConfig(source=args.data, text_column=args.text_column, label_column=args.label_column,
                           max_length=args.max_length, encoding=args.encoding, eval_size=args.size,
+                          truncation=args.truncation, head_tokens=args.head_tokens,
                           label_names=args.label_names.split(",") if args.label_names else None)
     metrics = evaluate_pretrained(args.model, data_cfg, args.split, args.batch_size, args.precision,
                                   args.trust_remote_code)
