@@ -142,18 +142,23 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     exported, quantized = None, None
     if dist.is_main and peft != "none":
         exported = adapters.export(dist.unwrap(model), weights, out, tokenizer, recipe)
-    if peft == "qlora":
-        # what trained was a 4-bit copy: score base/ and the merged tuned/ as saved, so the
-        # metrics stay those of the snapshots; the 4-bit figures are kept beside them
-        dist.barrier()
-        quantized = {"base": base_metrics, "tuned": tuned_metrics}
+    # What trained is not what was saved when QLoRA trained a 4-bit copy, or when FSDP's mixed
+    # precision ran forward on bf16/fp16 copies of the weights: score base/ and tuned/ as saved
+    # (fp32, under the same autocast as one process), so the metrics stay those of the snapshots.
+    # The figures of the model as it trained are kept beside them.
+    rescore = peft == "qlora" or (dist.strategy == "fsdp" and precision.dtype is not None)
+    as_trained = None
+    if dist.is_main and not exported:
+        tuned_sha = checkpoint.save_snapshot(dist.unwrap(model), tokenizer, out / "tuned", state_dict=weights)
+    if rescore:
+        dist.barrier()  # tuned/ is on disk
+        as_trained = {"base": base_metrics, "tuned": tuned_metrics}
         base_metrics, tuned_metrics = run_eval_of(out / "base"), run_eval_of(out / "tuned")
+    quantized = as_trained if peft == "qlora" else None
     report = None
     if dist.is_main:
         if exported:
             tuned_sha = exported["tuned_sha256"]
-        else:
-            tuned_sha = checkpoint.save_snapshot(dist.unwrap(model), tokenizer, out / "tuned", state_dict=weights)
         report = {
             "base": {**base_metrics, "sha256": checkpoint.file_sha256(out / "base" / checkpoint.WEIGHTS),
                      "path": str(out / "base")},
@@ -170,6 +175,10 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
                      "train_n": len(train_set), "eval_n": len(eval_set), "labels": splits.label_names},
             "wall_seconds": round(time.perf_counter() - started, 1),
         }
+        if as_trained and not quantized:  # FSDP mixed precision: the low-precision copies' figures
+            report["as_trained"] = {"what": f"FSDP forward on {train_cfg.precision} copies of the weights",
+                                    **{side: {k: m[k] for k in ("accuracy", "f1", "loss", "ece", "n")}
+                                       for side, m in as_trained.items()}}
         if exported:
             report["peft"] = {
                 "method": peft, "r": recipe.peft.r, "alpha": recipe.peft.alpha, "dropout": recipe.peft.dropout,
