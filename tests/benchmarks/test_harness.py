@@ -388,3 +388,29 @@ def test_interrupted_matrix_writes_what_finished_and_leaves_no_run_behind(tmp_pa
         if str(second) in cmdline:
             leftovers.append(cmdline.replace("\0", " "))
     assert not leftovers, leftovers
+
+
+def test_qlora_accuracy_and_time_to_target_come_from_one_model(tmp_path):
+    # QLoRA: the evals (the curve) score the 4-bit model as it trained; metrics.json's base/tuned are
+    # the saved snapshots. The record must not time a target on one and report the other's accuracy.
+    from benchmarks import run as bench_run
+
+    evals = [{"step": 2, "epoch": 0, "accuracy": 0.70, "f1": 0.7, "loss": 0.6, "ece": 0.1},
+             {"step": 4, "epoch": 1, "accuracy": 0.852, "f1": 0.85, "loss": 0.4, "ece": 0.1}]
+    metrics = {"base": {"accuracy": 0.500, "f1": 0.33}, "tuned": {"accuracy": 0.8472, "f1": 0.847},
+               "peft": {"quantized": {"base": {"accuracy": 0.510, "f1": 0.34},
+                                      "tuned": {"accuracy": 0.852, "f1": 0.85}}},
+               "train": {"train_seconds": 0.8}, "params": {"trainable_params": 10, "total_params": 100},
+               "evals": evals}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "log.jsonl").write_text("".join(
+        json.dumps({"step": k, "train/samples_per_s": 10.0, "train/tokens_per_s": 100.0}) + "\n" for k in range(1, 5)))
+    s = {"id": "qlora", "batch_size": 2, "grad_accum": 1, "nproc": 1, "warmup_steps": 0, "method": "qlora",
+         "target_accuracy": 0.85, "epochs": 1, "precision": "fp32"}
+    run = {**bench_run.read_engine(tmp_path, s), "status": "ok", "tree_peak_rss_bytes": 1, "max_process_rss_bytes": 1}
+    rec = bench_run.summarize(s, [run], None, {}, None, 1.0)
+    assert rec["time_to_target_s"] == pytest.approx(0.8)  # step 4 of 4, the 4-bit model's 0.852
+    assert (rec["accuracy"], rec["base_accuracy"]) == (0.852, 0.510) == (rec["curve"][-1]["accuracy"],
+                                                                        rec["curve"][0]["accuracy"])
+    assert rec["accuracy_of"] == "the model as it trained"
+    assert (rec["snapshot_accuracy"], rec["snapshot_base_accuracy"]) == (0.8472, 0.500)
