@@ -95,9 +95,13 @@ def markdown(res: dict) -> str:
               "after warm-up; step times pool every timed step of every repeat. `batch_size` in a scenario is "
               "global (all processes), so scenarios with different process counts train the same examples per "
               "step. *x baseline* is samples/s over the Trainer baseline's on the same workload. Accuracy and "
-              "F1 are the tuned model's on the eval split (on data.test_split where a scenario sets one: the "
-              "eval split then only selects), for scenarios trained to the end (epochs); *base accuracy* is the "
-              "untouched model's on the same examples. Time to target is read on the eval split's curve.", "",
+              "F1 are the tuned model's on the eval split, for scenarios trained to the end (epochs); *base "
+              "accuracy* is the untouched model's on the same examples, scored by the engine before training. "
+              "Accuracy, F1 and time to target are all the model's as it trained (the evals the curve is "
+              "made of): for QLoRA the 4-bit copy, under FSDP mixed precision the low-precision weight copies; "
+              "the saved fp32 snapshots' accuracies are `snapshot_accuracy` / `snapshot_base_accuracy` in "
+              "results.json. Where a scenario sets data.test_split, accuracy is the saved snapshots' on the "
+              "test split, and the curve and time to target are the dev evals'.", "",
               "## MFU", "", res["mfu_formula"], "", "## Plots", ""]
     lines += [f"![{p}]({p})" for p in PLOTS] + [""]
     return "\n".join(lines)

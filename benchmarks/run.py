@@ -342,14 +342,26 @@ def read_engine(run_dir: Path, s: dict) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     line = engine_timeline(run_dir, s, metrics)
     out = timed(line, s["warmup_steps"])
-    # the curve is the selection set's (with data.test_split, base/tuned are the test figures; dev the curve's)
-    curve = [{"step": 0, "t": 0.0, "accuracy": metrics.get("dev", metrics)["base"]["accuracy"]}]
+    # One model for the accuracy and the curve it is timed on: the evals during training score the
+    # model as it trained (QLoRA: the 4-bit copy; FSDP mixed precision: low-precision weight copies),
+    # so the accuracies reported are that model's too; the saved snapshots' are kept beside them.
+    # With data.test_split the curve is the dev evals and the accuracy the snapshots' on test.
+    as_trained = (metrics.get("peft") or {}).get("quantized") or metrics.get("as_trained")
+    if "dev" in metrics:
+        scored, curve_from = metrics, metrics["dev"]
+        accuracy_of = "the saved snapshots on the test split (curve and time to target: the dev evals)"
+    else:
+        scored = curve_from = as_trained or metrics
+        accuracy_of = "the model as it trained" if as_trained else "the saved snapshots"
+    curve = [{"step": 0, "t": 0.0, "accuracy": curve_from["base"]["accuracy"]}]
     curve += [{"step": e["step"], "t": round(clock_at(line, e["step"]), 3), "accuracy": e["accuracy"]}
               for e in metrics.get("evals", [])]
     train = metrics["train"]
     cuda = str(train.get("peak_memory_of", "")).startswith("cuda")
-    out.update(curve=curve, accuracy=metrics["tuned"]["accuracy"], f1=metrics["tuned"]["f1"],
-               base_accuracy=metrics["base"]["accuracy"], base_f1=metrics["base"]["f1"],
+    out.update(curve=curve, accuracy=scored["tuned"]["accuracy"], f1=scored["tuned"]["f1"],
+               base_accuracy=scored["base"]["accuracy"], base_f1=scored["base"]["f1"],
+               accuracy_of=accuracy_of,
+               snapshot_accuracy=metrics["tuned"]["accuracy"], snapshot_base_accuracy=metrics["base"]["accuracy"],
                trainable_params=metrics["params"]["trainable_params"], total_params=metrics["params"]["total_params"],
                cuda_peak_bytes=int(train["peak_memory_mb"] * 2**20) if cuda and "peak_memory_mb" in train else None,
                train_seconds=train.get("train_seconds"), threads=train.get("threads_per_process"))
@@ -430,6 +442,9 @@ def summarize(s: dict, runs: list[dict], shape, peaks: dict, datasheet: dict | N
                    f1=med("f1") if all(r["f1"] is not None for r in ok) else None, curve=first["curve"])
         if all(r.get("base_accuracy") is not None for r in ok):  # the engine scores the untouched model first
             rec.update(base_accuracy=med("base_accuracy"), base_f1=med("base_f1"))
+        if all(r.get("snapshot_accuracy") is not None for r in ok):
+            rec.update(accuracy_of=first["accuracy_of"], snapshot_accuracy=med("snapshot_accuracy"),
+                       snapshot_base_accuracy=med("snapshot_base_accuracy"))
         if s["target_accuracy"] is not None:
             hits = [min((p["t"] for p in r["curve"] if p["accuracy"] >= s["target_accuracy"]), default=None)
                     for r in ok]

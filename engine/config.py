@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,11 @@ from typing import Any, Literal, Optional
 import yaml
 
 from engine.errors import RecipeError
+
+
+# No count, size, step or seed in a recipe means anything past this; a larger one is a typo that
+# would otherwise fail later (an allocation, a numpy seed, a tensor shape) with a traceback.
+MAX_INT = 2**31 - 1
 
 
 @dataclass
@@ -140,6 +146,9 @@ class Recipe:
             raise RecipeError(f"{where}: 'train.epochs' must be > 0 (or set train.max_steps)")
         if t.lr <= 0:
             raise RecipeError(f"{where}: 'train.lr' must be > 0, got {t.lr}")
+        for key, value in {"train.weight_decay": t.weight_decay, "train.max_grad_norm": t.max_grad_norm}.items():
+            if value < 0:
+                raise RecipeError(f"{where}: '{key}' must be >= 0, got {value}")
         if not 0 <= t.warmup_ratio < 1:
             raise RecipeError(f"{where}: 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
         if not 0 <= t.min_lr_ratio <= 1:
@@ -301,17 +310,28 @@ def _coerce(tp: Any, value: Any, key: str, where: str, root: type) -> Any:
         raise RecipeError(f"{where}: '{key}' must be true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_INT:
+                raise RecipeError(f"{where}: '{key}' must be at most {MAX_INT} in size, got {value}")
             return value
         raise RecipeError(f"{where}: '{key}' must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 2e-5 as a string
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int past float range
+                raise RecipeError(f"{where}: '{key}' must be a finite number, got {value}") from None
+        elif isinstance(value, str):  # YAML 1.1 reads 2e-5 as a string
+            try:
+                number = float(value)
             except ValueError:
                 pass
-        raise RecipeError(f"{where}: '{key}' must be a number, got {value!r}")
+        if number is None:
+            raise RecipeError(f"{where}: '{key}' must be a number, got {value!r}")
+        # NaN passes every range check (all comparisons are false) and inf overflows step counts
+        if not math.isfinite(number):
+            raise RecipeError(f"{where}: '{key}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -39,9 +39,16 @@ def predict(model, data: Tokenized, batch_size: int, precision, dist, pad_id: in
     gathered = dist.all_gather_object(local)
     n_classes = max(g[1].shape[-1] for g in gathered)
     out = np.zeros((len(data), n_classes), dtype=np.float32)
+    filled = np.zeros(len(data), dtype=np.int64)
     for idx, logits in gathered:
         if len(idx):  # a rank with no batch of its own sent nothing
             out[idx] = logits
+            np.add.at(filled, idx, 1)
+    # a gap would score as class 0 and a double count would hide one; either is a sharding bug
+    if not (filled == 1).all():
+        missing, twice = int((filled == 0).sum()), int((filled > 1).sum())
+        raise RuntimeError(f"evaluation sharding: {missing} of {len(data)} examples not scored, "
+                           f"{twice} scored more than once")
     return out
 
 

@@ -140,7 +140,7 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     else:
         weights = dist.full_state_dict(model)
     tuned_metrics = {k: v for k, v in chosen.items() if k not in ("step", "epoch")}
-    exported, quantized = None, None
+    exported = None
     if dist.is_main and peft != "none":
         exported = adapters.export(dist.unwrap(model), weights, out, tokenizer, recipe)
     if dist.is_main:
@@ -148,22 +148,21 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
             tuned_sha = exported["tuned_sha256"]
         else:
             tuned_sha = checkpoint.save_snapshot(dist.unwrap(model), tokenizer, out / "tuned", state_dict=weights)
-    dev = None
+
+    # What is reported is base/ and tuned/ as saved. The evals during training scored the model as it
+    # trained, which is not what was saved when QLoRA trained a 4-bit copy, or when FSDP's mixed
+    # precision ran forward on bf16/fp16 copies of the weights: those runs score the snapshots again
+    # (fp32 weights, under the same autocast as one process). With data.test_split the snapshots are
+    # scored once on test, and the eval split only selected (its figures go to `dev`).
+    as_trained = {"base": base_metrics, "tuned": tuned_metrics}
+    rescore = peft == "qlora" or (dist.strategy == "fsdp" and precision.dtype is not None)
+    if test_set is not None or rescore:
+        dist.barrier()  # tuned/ is on disk
+        final_set = eval_set if test_set is None else test_set
+        base_metrics, tuned_metrics = run_eval_of(out / "base", final_set), run_eval_of(out / "tuned", final_set)
     if test_set is not None:
-        # selection happened on the eval (dev) set; the reported figures are base/ and tuned/ as
-        # saved, each scored once on the test set
-        dist.barrier()
-        dev = {"base": base_metrics, "tuned": tuned_metrics}
-        quantized = dev if peft == "qlora" else None  # dev figures are the 4-bit model's, as it trained
-        base_metrics, tuned_metrics = run_eval_of(out / "base", test_set), run_eval_of(out / "tuned", test_set)
         tracker.message(f"test: base accuracy {base_metrics['accuracy']:.4f}, tuned {tuned_metrics['accuracy']:.4f} "
-                        f"(n {tuned_metrics['n']}); selected on dev: tuned {dev['tuned']['accuracy']:.4f}")
-    elif peft == "qlora":
-        # what trained was a 4-bit copy: score base/ and the merged tuned/ as saved, so the
-        # metrics stay those of the snapshots; the 4-bit figures are kept beside them
-        dist.barrier()
-        quantized = {"base": base_metrics, "tuned": tuned_metrics}
-        base_metrics, tuned_metrics = run_eval_of(out / "base"), run_eval_of(out / "tuned")
+                        f"(n {tuned_metrics['n']}); selected on dev: tuned {as_trained['tuned']['accuracy']:.4f}")
     report = None
     if dist.is_main:
         report = {
@@ -182,18 +181,20 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
                      "train_n": len(train_set), "eval_n": len(eval_set), "labels": splits.label_names},
             "wall_seconds": round(time.perf_counter() - started, 1),
         }
-        if dev is not None:  # base/tuned above are the test figures; these are the selection set's
-            report["dev"] = {side: {k: m[k] for k in ("accuracy", "f1", "loss", "ece", "n")} for side, m in dev.items()}
+        slim = {side: {k: m[k] for k in ("accuracy", "f1", "loss", "ece", "n")} for side, m in as_trained.items()}
+        if test_set is not None:  # base/tuned above are the test figures; these are the selection set's
+            report["dev"] = slim
             report["data"].update(test=splits.test.origin, test_n=len(test_set))
+        elif rescore and peft != "qlora":  # FSDP mixed precision: the low-precision copies' figures
+            report["as_trained"] = {"what": f"FSDP forward on {train_cfg.precision} copies of the weights", **slim}
         if exported:
             report["peft"] = {
                 "method": peft, "r": recipe.peft.r, "alpha": recipe.peft.alpha, "dropout": recipe.peft.dropout,
                 "target_modules": exported["target_modules"], "modules_to_save": exported["modules_to_save"],
                 "adapter": {"path": str(out / "adapter"), "sha256": exported["adapter_sha256"]},
             }
-            if quantized:  # the 4-bit model as it trained, before and after
-                report["peft"]["quantized"] = {side: {k: m[k] for k in ("accuracy", "f1", "loss", "ece", "n")}
-                                               for side, m in quantized.items()}
+            if peft == "qlora":  # the 4-bit model as it trained, before and after (on dev with a test split)
+                report["peft"]["quantized"] = slim
         tracker.hparams(_flat(to_dict(recipe)), {"accuracy": tuned_metrics["accuracy"],
                                                  "f1": tuned_metrics["f1"]})
         tracker.close()

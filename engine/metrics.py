@@ -52,8 +52,13 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> l
     return out
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/F1, confusion matrix, mean loss, ECE."""
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, label_names: list[str],
+                           f1_classes=None) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1, confusion matrix, mean loss, ECE.
+
+    Macro-F1 averages over `f1_classes` (indices; default every class in label_names), whether the
+    gold labels hold them or not.
+    """
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     k = len(label_names)
@@ -66,12 +71,13 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, label_names: 
     precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
     recall = np.divide(tp, actual, out=np.zeros(k), where=actual > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
-    present = actual > 0  # macro-F1 over the classes the eval set holds
     nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
     return {
         "n": int(len(labels)),
         "accuracy": float((preds == labels).mean()) if len(labels) else 0.0,
-        "f1": float(f1[present].mean()) if present.any() else 0.0,
+        # over every class the model can predict, absent from the gold labels or not (scikit-learn's
+        # f1_score(average="macro", labels=range(k))): dropping one would reward predicting it
+        "f1": float(f1[list(range(k)) if f1_classes is None else sorted(f1_classes)].mean()) if k else 0.0,
         "loss": float(nll.mean()) if len(labels) else 0.0,
         "ece": expected_calibration_error(probs, labels) if len(labels) else 0.0,
         "per_class": {

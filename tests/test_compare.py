@@ -241,8 +241,13 @@ def test_two_views_of_neutral_on_two_class_data():
     assert m["selective_accuracy"] == pytest.approx(2 / 3)
     assert m["forced_accuracy"] == pytest.approx(3 / 4)  # neg .3 > pos .2 on the neutral one
     assert m["confusion"] == [[1, 1, 0], [0, 0, 0], [1, 0, 1]]
+    # macro-F1 over all 3 polarities the model can answer: neg P=R=1/2; neu 0 (answered once, never
+    # right); pos P=1, R=1/2 -> 2/3. Dropping the absent neutral would give 7/12, above the accuracy.
+    assert m["f1"] == pytest.approx((1 / 2 + 0 + 2 / 3) / 3)
     two = polarity_metrics(pol[:, [0, 2]] @ np.array([[1, 0, 0], [0, 0, 1.0]]), gold, {NEG, POS}, False, 10)
     assert "coverage" not in two
+    # a 2-class model, predicted neg neg pos neg: neg P=2/3, R=1 -> 4/5; pos P=1, R=1/2 -> 2/3; no neutral
+    assert two["f1"] == pytest.approx((4 / 5 + 2 / 3) / 2)
 
 
 def test_temperature_by_hand():

@@ -33,6 +33,17 @@ def test_yaml_then_overrides(tmp_path):
     ("train.warmup_ratio=1.5", "'train.warmup_ratio' must be in [0, 1)"),
     ("data.holdout_size=100", "'data.holdout_size' carves the eval set from train"),
     ("train=3", "'train' must be a section of keys"),
+    ("train.lr=.inf", "'train.lr' must be a finite number"),
+    ("train.lr=.nan", "'train.lr' must be a finite number"),
+    ("train.epochs=.inf", "'train.epochs' must be a finite number"),
+    ("train.warmup_ratio=.nan", "'train.warmup_ratio' must be a finite number"),
+    ("peft.dropout=-.inf", "'peft.dropout' must be a finite number"),
+    ("train.lr=nan", "'train.lr' must be a finite number"),
+    ("train.weight_decay=-0.1", "'train.weight_decay' must be >= 0"),
+    ("train.max_grad_norm=-1", "'train.max_grad_norm' must be >= 0"),
+    ("train.batch_size=99999999999999999999999", "'train.batch_size' must be at most"),
+    ("seed=-99999999999999999999999", "'seed' must be at most"),
+    ("train.epochs=1" + "0" * 400, "'train.epochs' must be a finite number"),
 ])
 def test_bad_values_name_the_key(override, expected):
     with pytest.raises(RecipeError) as e:

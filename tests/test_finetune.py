@@ -6,8 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli, tiny_overrides
-from engine.config import load_recipe
+from engine.config import DataConfig, load_recipe
 from engine.errors import OutputDirError
+from engine.evaluation import evaluate_pretrained
 from engine.finetune import finetune
 
 
@@ -80,13 +81,30 @@ def test_refuses_to_overwrite_a_finished_run(run):
 
 
 def test_keep_best_takes_the_best_eval(tiny_bert, tiny_data, tmp_path):
-    # evaluated every step: tuned/ must be the first state that reached the best accuracy
+    # evaluated and checkpointed every step: tuned/ must hold the weights of the first state that
+    # reached the best accuracy (its step's checkpoint), and score what that eval scored
     report = finetune(load_recipe(None, tiny_overrides(tiny_bert, tiny_data, tmp_path) + [
-        "train.keep_best=true", "train.eval_every=1", "train.epochs=3"]))
+        "train.keep_best=true", "train.eval_every=1", "train.epochs=3", "checkpoint.every=1",
+        "checkpoint.keep=1000"]))
     best = max(report["evals"], key=lambda e: e["accuracy"])
-    assert report["tuned"]["accuracy"] == best["accuracy"]
     first_best = next(e for e in report["evals"] if e["accuracy"] == best["accuracy"])
+    last = report["evals"][-1]
+    assert first_best["step"] < last["step"]  # else tuned/ = the last state and nothing is tested
     assert report["tuned"]["step"] == first_best["step"]
+
+    tuned = load_file(tmp_path / "tuned" / "model.safetensors")
+    at = {step: {k[len("model/"):]: v for k, v in
+                 load_file(tmp_path / "checkpoints" / f"step-{step}" / "shard-0.safetensors").items()
+                 if k.startswith("model/")} for step in (first_best["step"], last["step"])}
+    assert set(tuned) <= set(at[last["step"]])
+    for k in tuned:
+        assert torch.equal(tuned[k], at[first_best["step"]][k]), k
+    assert any(not torch.equal(tuned[k], at[last["step"]][k]) for k in tuned)
+
+    rescored = evaluate_pretrained(str(tmp_path / "tuned"), DataConfig(source=tiny_data, max_length=32), "test")
+    for m in (report["tuned"], rescored):
+        assert m["accuracy"] == first_best["accuracy"]
+        assert m["loss"] == pytest.approx(first_best["loss"], abs=1e-6)
 
 
 def test_cli_prints_table_and_bad_data_exits_2(tiny_bert, tiny_data, tmp_path):

@@ -1,34 +1,50 @@
 """Malformed recipes and data files: every one ends in a clean one-line error, never a traceback."""
+import dataclasses
 import random
 
 import pytest
 
 from conftest import run_cli, tiny_overrides
-from engine.config import DataConfig, load_recipe
+from engine.config import DataConfig, Recipe, load_recipe
 from engine.data import load_splits
 from engine.errors import DataError, RecipeError
 
 rng = random.Random(1234)
 RANDOM_BYTES = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))) for _ in range(40)]
+# Every case here must be refused: one-line RecipeError naming the file (exit 2 from the CLIs).
 RECIPES = [
-    b"", b"\n", b"~", b"- 1\n- 2\n", b"42", b"'just a string'", b"train: 5", b"train: [1, 2]",
+    b"- 1\n- 2\n", b"42", b"'just a string'", b"train: 5", b"train: [1, 2]",
     b"train:\n  lr: [1]\n", b"train:\n  epochs: yes\n", b"model:\n  name_or_path: {a: 1}\n",
     b"data:\n  max_length: -3\n", b"data:\n  where: [a]\n", b"peft:\n  method: lorax\n",
-    b"train: {lr: .inf}", b"seed: 1.5", b"output_dir: [x]", b"\x00\x01\x02", b"a" * 200_000,
-    b"train:\n" + b"  " * 5000 + b"lr: 1", b"&a [*a]", b"!!python/object:os.system 'echo hi'",
+    b"train: {lr: .inf}", b"train: {lr: .nan}", b"train: {epochs: .inf}", b"train: {weight_decay: -1}",
+    b"train: {max_grad_norm: -.5}", b"seed: 1.5", b"output_dir: [x]", b"\x00\x01\x02", b"a" * 200_000,
+    b"&a [*a]", b"!!python/object:os.system 'echo hi'",
     b"{" * 1000, b"train:\n  batch_size: 99999999999999999999999\n",
-] + RANDOM_BYTES
+] + RANDOM_BYTES  # seeded: none of these 40 happens to be a valid recipe
+
+# Odd but valid: each must load to exactly the recipe it spells, nothing else.
+VALID = {
+    b"": {}, b"\n": {}, b"~": {},
+    b"train:\n" + b"  " * 5000 + b"lr: 1": {"lr": 1.0},  # deep indentation is still one mapping
+}
 
 
 @pytest.mark.parametrize("i", range(len(RECIPES)))
 def test_malformed_recipe_is_a_recipe_error(tmp_path, i):
     f = tmp_path / "r.yaml"
     f.write_bytes(RECIPES[i])
-    try:
+    with pytest.raises(RecipeError) as e:
         load_recipe(f)
-    except RecipeError as e:
-        assert "\n" not in str(e) and str(f) in str(e)
-    # a few of the random texts happen to be valid recipes: loading them is fine too
+    assert "\n" not in str(e.value) and str(f) in str(e.value)
+
+
+@pytest.mark.parametrize("content", list(VALID))
+def test_odd_but_valid_recipe_loads_to_what_it_says(tmp_path, content):
+    f = tmp_path / "r.yaml"
+    f.write_bytes(content)
+    expected = Recipe()
+    expected.train = dataclasses.replace(expected.train, **VALID[content])
+    assert load_recipe(f) == expected
 
 
 DATA = {
@@ -55,7 +71,9 @@ def test_a_huge_line_is_just_a_long_text(tmp_path):
     assert len(s.train.texts[0]) == 5_000_000
 
 
-@pytest.mark.parametrize("content", [RECIPES[0], RECIPES[3], RECIPES[18], RANDOM_BYTES[0], b"train:\n  lr: abc\n"])
+@pytest.mark.parametrize("content", [RECIPES[0], RECIPES[3], RECIPES[18], RANDOM_BYTES[0], b"train:\n  lr: abc\n",
+                                     b"train: {lr: .inf}", b"train: {epochs: .inf}", b"train: {lr: .nan}",
+                                     b"train: {batch_size: 99999999999999999999999}"])
 def test_cli_malformed_recipe_exits_2_without_traceback(tmp_path, content):
     f = tmp_path / "r.yaml"
     f.write_bytes(content)

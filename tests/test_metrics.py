@@ -32,8 +32,11 @@ def test_perfectly_calibrated_is_zero():
     assert expected_calibration_error(probs, np.array([0, 1])) == pytest.approx(0.0)
 
 
-def test_three_classes_macro_f1_ignores_absent_class():
-    logits = np.eye(3)[[0, 1, 1]] * 5
-    m = classification_metrics(logits, np.array([0, 1, 1]), ["a", "b", "c"])
-    assert m["f1"] == pytest.approx(1.0)
+def test_macro_f1_averages_every_class_the_model_can_predict():
+    # a 3-class model on 2-class data, once predicting the absent class c:
+    # a: P=1, R=1/2, F1=2/3; b: P=1, R=1, F1=1; c: P=0 (0 of 1), R=0/0 -> 0, F1=0
+    logits = np.eye(3)[[0, 2, 1, 1]] * 5
+    m = classification_metrics(logits, np.array([0, 0, 1, 1]), ["a", "b", "c"])
+    assert m["f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert m["f1"] < m["accuracy"] == 0.75  # the old average over a and b only gave 5/6
     assert m["per_class"]["c"]["support"] == 0

@@ -139,7 +139,10 @@ def polarity_metrics(pol: np.ndarray, gold: np.ndarray, dataset_polarities: set,
     as wrong; `coverage`/`selective_accuracy` treat it as an abstention.
     """
     logp = np.log(np.clip(pol, 1e-12, None))
-    m = classification_metrics(logp, gold, list(POLARITIES))  # the engine's own metrics, on 3 polarities
+    # the engine's own metrics, on 3 polarities; macro-F1 over what the model can answer and what the
+    # data holds: a 2-class model is not marked down for a neutral class that is in neither
+    can_answer = {NEG, POS} | ({NEU} if model_has_neutral else set())
+    m = classification_metrics(logp, gold, list(POLARITIES), f1_classes=can_answer | set(dataset_polarities))
     pred = pol.argmax(axis=-1)
     out = {"n": m["n"], "accuracy": m["accuracy"], "f1": m["f1"], "nll": m["loss"],
            "ece": expected_calibration_error(pol, gold, bins), "brier": brier_score(pol, gold),

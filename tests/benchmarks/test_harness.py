@@ -21,10 +21,31 @@ MATRICES = ROOT / "benchmarks" / "matrices"
 # FLOPs
 
 
-def test_flops_per_token_is_6n_plus_attention():
-    # 6 x 1M weights + 12 x 2 layers x 64 hidden x 100 tokens
-    assert measure.flops_per_token(1_000_000, 2, 64, 100) == 6_000_000 + 153_600
-    assert measure.flops_per_token(10, 1, 1, 0) == 60
+@pytest.mark.parametrize("seq_len", [32, 256])
+def test_flops_per_token_matches_torchs_flop_counter(tmp_path, seq_len):
+    # an independent count: torch's FlopCounterMode over a real forward + backward of a small BERT.
+    # The formula counts every non-embedding weight on every token; the pooler and head run on one
+    # token a sequence, so they are taken out of both sides; biases and norms are not matmuls (<1%).
+    # Eager attention: the counter sees its two matmuls (it does not see inside CPU sdpa)
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=1024, max_position_embeddings=256)
+    BertForSequenceClassification(config).save_pretrained(tmp_path)
+    model = BertForSequenceClassification.from_pretrained(tmp_path, attn_implementation="eager")
+    shape = measure.model_shape(tmp_path)
+    batch = 2
+    with FlopCounterMode(display=False) as counter:
+        out = model(input_ids=torch.randint(0, 1000, (batch, seq_len)), labels=torch.zeros(batch, dtype=torch.long))
+        out.loss.backward()
+    once_a_sequence = sum(p.numel() for m in (model.bert.pooler, model.classifier) for p in m.parameters())
+    counted = (counter.get_total_flops() - 6 * once_a_sequence * batch) / (batch * seq_len)
+    formula = measure.flops_per_token(shape.non_embedding_params - once_a_sequence, shape.layers, shape.hidden,
+                                      seq_len)
+    assert counted == pytest.approx(formula, rel=0.01)
 
 
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])
@@ -41,9 +62,10 @@ def test_model_shape_counts_everything_but_embeddings(tmp_path, arch):
     assert (shape.layers, shape.hidden) == (2, 32)  # DistilBERT's n_layers/dim read through the same names
 
 
-def test_datasheet_peak_knows_h100_variants():
-    assert measure.datasheet_peak("NVIDIA H100 80GB HBM3")["bf16"] == 989e12
-    assert measure.datasheet_peak("NVIDIA H100 PCIe")["bf16"] == 756e12
+def test_datasheet_peak_tells_h100_variants_apart():
+    # the lookup is by substring: the PCIe card must not be read as the SXM one, nor an unknown GPU guessed
+    sxm, pcie = measure.datasheet_peak("NVIDIA H100 80GB HBM3"), measure.datasheet_peak("NVIDIA H100 PCIe")
+    assert sxm and pcie and sxm != pcie and pcie["bf16"] < sxm["bf16"]
     assert measure.datasheet_peak("Some Future GPU") is None
     assert measure.datasheet_peak(None) is None
 
@@ -265,11 +287,23 @@ def test_smoke_hardware_peaks_and_reports(smoke):
 
 
 def test_compare_prints_per_scenario_ratios(smoke, tmp_path):
+    # B is A with one scenario 2.5x faster and another dropped: B/A must read 2.50 there, 1.00 elsewhere
     out, _ = smoke
-    p = run_cli("benchmarks/compare.py", out, out, timeout=60)
+    res = json.loads((out / "results.json").read_text())
+    faster = next(r for r in res["records"] if r["id"] == "engine-none1-full-fp32")
+    assert faster["samples_per_s"]
+    faster["samples_per_s"] *= 2.5
+    dropped = next(r["id"] for r in res["records"] if r["id"] != faster["id"])
+    res["records"] = [r for r in res["records"] if r["id"] != dropped]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text(json.dumps(res))
+    p = run_cli("benchmarks/compare.py", out, tmp_path / "b", timeout=60)
     assert p.returncode == 0, p.stderr
-    row = next(l for l in p.stdout.splitlines() if l.startswith("engine-none1-full-fp32"))
-    assert " 1.00 " in row
+    ids = {r["id"] for r in res["records"]}
+    rows = {line.split()[0]: line.split() for line in p.stdout.splitlines() if line.split()[:1] and line.split()[0] in ids}
+    assert set(rows) == ids and rows["engine-none1-full-fp32"][3] == "2.50"
+    assert all(r[3] == "1.00" for i, r in rows.items() if i != "engine-none1-full-fp32" and r[1] != "-")
+    assert f"only in A: {dropped}" in p.stdout
     p = run_cli("benchmarks/compare.py", out, tmp_path / "missing", timeout=60)
     assert p.returncode == 2 and p.stderr.startswith("error: ")
 
@@ -354,3 +388,29 @@ def test_interrupted_matrix_writes_what_finished_and_leaves_no_run_behind(tmp_pa
         if str(second) in cmdline:
             leftovers.append(cmdline.replace("\0", " "))
     assert not leftovers, leftovers
+
+
+def test_qlora_accuracy_and_time_to_target_come_from_one_model(tmp_path):
+    # QLoRA: the evals (the curve) score the 4-bit model as it trained; metrics.json's base/tuned are
+    # the saved snapshots. The record must not time a target on one and report the other's accuracy.
+    from benchmarks import run as bench_run
+
+    evals = [{"step": 2, "epoch": 0, "accuracy": 0.70, "f1": 0.7, "loss": 0.6, "ece": 0.1},
+             {"step": 4, "epoch": 1, "accuracy": 0.852, "f1": 0.85, "loss": 0.4, "ece": 0.1}]
+    metrics = {"base": {"accuracy": 0.500, "f1": 0.33}, "tuned": {"accuracy": 0.8472, "f1": 0.847},
+               "peft": {"quantized": {"base": {"accuracy": 0.510, "f1": 0.34},
+                                      "tuned": {"accuracy": 0.852, "f1": 0.85}}},
+               "train": {"train_seconds": 0.8}, "params": {"trainable_params": 10, "total_params": 100},
+               "evals": evals}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "log.jsonl").write_text("".join(
+        json.dumps({"step": k, "train/samples_per_s": 10.0, "train/tokens_per_s": 100.0}) + "\n" for k in range(1, 5)))
+    s = {"id": "qlora", "batch_size": 2, "grad_accum": 1, "nproc": 1, "warmup_steps": 0, "method": "qlora",
+         "target_accuracy": 0.85, "epochs": 1, "precision": "fp32"}
+    run = {**bench_run.read_engine(tmp_path, s), "status": "ok", "tree_peak_rss_bytes": 1, "max_process_rss_bytes": 1}
+    rec = bench_run.summarize(s, [run], None, {}, None, 1.0)
+    assert rec["time_to_target_s"] == pytest.approx(0.8)  # step 4 of 4, the 4-bit model's 0.852
+    assert (rec["accuracy"], rec["base_accuracy"]) == (0.852, 0.510) == (rec["curve"][-1]["accuracy"],
+                                                                        rec["curve"][0]["accuracy"])
+    assert rec["accuracy_of"] == "the model as it trained"
+    assert (rec["snapshot_accuracy"], rec["snapshot_base_accuracy"]) == (0.8472, 0.500)

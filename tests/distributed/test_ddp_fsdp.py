@@ -2,16 +2,23 @@
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, run_torchrun, tiny_overrides
+from engine.config import DataConfig
+from engine.data import eval_batches
+from engine.evaluation import evaluate_pretrained
+
+
+EVAL_BATCH = 5  # 33 eval examples -> 7 batches: rank 0 scores 4, rank 1 scores 3
 
 
 def _args(model, data, out, *extra):
     return ["--recipe", "/dev/null", *tiny_overrides(model, data, out), "train.log_every=1",
-            "train.max_steps=8", "train.eval_every=0", *extra]
+            "train.max_steps=8", "train.eval_every=0", f"train.eval_batch_size={EVAL_BATCH}", *extra]
 
 
 def _losses(out):
@@ -69,6 +76,8 @@ def test_sharded_eval_counts_every_example_once(runs, strategy):
     ref = json.loads((runs[("none", 1)] / "metrics.json").read_text())
     dist = json.loads((runs[(strategy, 1)] / "metrics.json").read_text())
     assert dist["base"]["n"] == ref["base"]["n"] == 33  # odd: ranks hold unequal shares
+    # every rank scores several batches of its own (evaluation raises on a gap or a double count)
+    assert [len(eval_batches(np.ones(33), EVAL_BATCH, 2, r)) for r in (0, 1)] == [4, 3]
     for key in ("accuracy", "f1", "confusion"):
         assert dist["base"][key] == ref["base"][key]
     assert dist["base"]["loss"] == pytest.approx(ref["base"]["loss"], abs=1e-6)
@@ -76,11 +85,37 @@ def test_sharded_eval_counts_every_example_once(runs, strategy):
 
 
 def test_hybrid_mesh_fsdp_inside_ddp_across(tiny_bert, tiny_data, tmp_path, runs):
+    # 4 processes, replicas=2: two shard groups of 2, so each weight is really split, and replicated
     out = tmp_path / "hsdp"
-    p = run_torchrun(2, *_args(tiny_bert, tiny_data, out, "train.batch_size=4", "distributed.strategy=fsdp",
-                               "distributed.replicas=2"))
+    p = run_torchrun(4, *_args(tiny_bert, tiny_data, out, "train.batch_size=2", "distributed.strategy=fsdp",
+                               "distributed.replicas=2"), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert _losses(out) == pytest.approx(_losses(runs[("none", 1)]), abs=1e-5)
+    ref = runs[("none", 1)]
+    assert _losses(out) == pytest.approx(_losses(ref), abs=1e-5)
+    a, b = load_file(ref / "tuned" / "model.safetensors"), load_file(out / "tuned" / "model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["train"]["world_size"] == 4
+    assert m["tuned"]["accuracy"] == json.loads((ref / "metrics.json").read_text())["tuned"]["accuracy"]
+
+
+def test_fsdp_bf16_metrics_are_those_of_the_fp32_snapshots(tiny_bert, tiny_data, tmp_path):
+    # FSDP's mixed precision runs forward on bf16 copies of the weights; metrics.json must score
+    # base/ and tuned/ as saved (fp32 under bf16 autocast, as one process would) and say what trained
+    out = tmp_path / "fsdp-bf16"
+    p = run_torchrun(2, *_args(tiny_bert, tiny_data, out, "train.batch_size=4", "distributed.strategy=fsdp",
+                               "train.precision=bf16"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    data = DataConfig(source=tiny_data, max_length=32)
+    for side in ("base", "tuned"):
+        alone = evaluate_pretrained(str(out / side), data, "test", batch_size=EVAL_BATCH, precision_name="bf16")
+        assert m[side]["accuracy"] == alone["accuracy"] and m[side]["confusion"] == alone["confusion"], side
+        assert m[side]["loss"] == pytest.approx(alone["loss"], abs=1e-6), side
+    assert m["as_trained"]["what"] == "FSDP forward on bf16 copies of the weights"
+    assert m["as_trained"]["tuned"]["n"] == 33
 
 
 def test_two_nodes_over_c10d_rendezvous(tiny_bert, tiny_data, tmp_path):
