@@ -24,11 +24,25 @@ from engine.config import Recipe
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# the layers that get adapters when peft.target_modules is not set
+# the layers that get adapters when peft.target_modules is not set, by config.model_type: the
+# attention's query and value projections (LoRA's paper), or the fused projection that holds them;
+# any other architecture gets every linear layer of its body ("all-linear")
 DEFAULT_TARGETS = {
-    "distilbert": ["q_lin", "v_lin"],
     "bert": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
     "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "electra": ["query", "value"],
+    "albert": ["query", "value"],  # one layer shared across the depth: one set of adapters
+    "mpnet": ["q", "v"],
+    "modernbert": ["Wqkv"],
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],  # a transformers Conv1D (weight stored transposed); PEFT handles it
 }
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # bitsandbytes' NF4 block: its CPU kernels need the input width of every 4-bit layer to be a multiple

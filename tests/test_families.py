@@ -1,0 +1,103 @@
+"""The family matrix: every architecture people fine-tune for sentiment trains, shards, adapts and reloads.
+
+Each family (tests/tiny.py, 64 wide so bitsandbytes' CPU 4-bit kernels apply) gets two runs that
+together cover the engine: one process with full fine-tuning and activation checkpointing, and two
+processes (torchrun, gloo) with QLoRA (or LoRA) on the family's default targets under DDP or FSDP,
+alternating between families. Both snapshots are reloaded by `pipeline()`, which must answer the
+class names of the model's own config: the data's labels are bare integers.
+"""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny
+from conftest import run_torchrun, tiny_overrides
+from engine import adapters
+from engine.config import ModelConfig, load_recipe
+from engine.distributed import transformer_blocks
+from engine.finetune import finetune
+from engine.modeling import ModelError, load_model
+
+NAMES = {0: "negative", 1: "positive"}
+FAMILIES = tiny.FAMILIES
+# transformers has no SDPA kernel for these: `auto` runs their eager attention
+EAGER = {"deberta-v2", "mpnet"}
+# transformers has no activation checkpointing for these: the engine refuses with one line
+NO_CHECKPOINTING = {"albert", "mpnet"}
+# two-process strategy, alternating so that both strategies meet encoders and decoders
+STRATEGY = {family: ("fsdp", "ddp")[i % 2] for i, family in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = tiny.make_model(tmp_path_factory.mktemp(family), family, hidden=64, id2label=NAMES)
+        return made[family]
+    return get
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny.make_data(tmp_path_factory.mktemp("data"), n_train=192, n_test=33)
+
+
+def answers(folder, text):
+    from transformers import pipeline
+    return pipeline("text-classification", model=str(folder), device="cpu")(text)[0]["label"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fsdp_finds_the_blocks(family, models):
+    model = load_model(ModelConfig(name_or_path=models(family)), list(NAMES.values()))
+    layers = max(len(m) for m in model.modules() if isinstance(m, torch.nn.ModuleList))
+    blocks = transformer_blocks(model)
+    if family == "albert":  # one layer group, run at every depth: it is the one block
+        assert [type(b).__name__ for b in blocks] == ["AlbertLayerGroup"]
+    else:
+        assert layers == 2 and sum(len(list(b.parameters())) > 0 for b in blocks) >= layers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_process_full_finetuning_reloads_with_the_models_names(family, models, data, tmp_path, capsys):
+    args = tiny_overrides(models(family), data, tmp_path / "run")
+    checkpointing = ["train.activation_checkpointing=true"]
+    if family in NO_CHECKPOINTING:
+        with pytest.raises(ModelError, match="does not support activation checkpointing; set "
+                                             "train.activation_checkpointing=false"):
+            finetune(load_recipe(None, tiny_overrides(models(family), data, tmp_path / "refused") + checkpointing))
+        assert not (tmp_path / "refused" / "metrics.json").exists()
+        checkpointing = []
+    capsys.readouterr()
+    report = finetune(load_recipe(None, args + checkpointing + ["train.lr=1e-3"]))
+    said = capsys.readouterr().out
+    assert report["data"]["labels"] == ["negative", "positive"]
+    assert report["model"]["attn_implementation"] == ("eager" if family in EAGER else "sdpa")
+    first = next(line for line in said.splitlines() if line.startswith("train "))
+    assert first.endswith("attention " + report["model"]["attn_implementation"])
+    assert report["tuned"]["accuracy"] > 0.8, report["evals"]
+    assert answers(tmp_path / "run" / "tuned", "great wonderful superb film") == "positive"
+    assert answers(tmp_path / "run" / "tuned", "awful boring terrible film") == "negative"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_processes_qlora_on_default_targets(family, models, data, tmp_path):
+    strategy, out = STRATEGY[family], tmp_path / "run"
+    p = run_torchrun(2, "--recipe", "/dev/null", *tiny_overrides(models(family), data, out),
+                     f"distributed.strategy={strategy}", "peft.method=qlora", "train.lr=1e-2",
+                     "train.max_steps=8", "checkpoint.keep=0")
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["train"]["world_size"], m["train"]["strategy"], m["peft"]["method"]) == (2, strategy, "qlora")
+    default = adapters.DEFAULT_TARGETS[tiny.ARCH[family]["model_type"]]
+    assert m["peft"]["target_modules"] == (default if isinstance(default, str) else sorted(default))
+    base, tuned = load_file(out / "base" / "model.safetensors"), load_file(out / "tuned" / "model.safetensors")
+    assert set(base) == set(tuned)
+    changed = [k for k in base if k.endswith(".weight") and not torch.equal(base[k], tuned[k])]
+    head = set(m["peft"]["modules_to_save"])
+    assert any(k.split(".")[0] not in head for k in changed), "no adapter was merged into the body"
+    assert answers(out / "tuned", "great wonderful superb film") in NAMES.values()
