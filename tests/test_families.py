@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
-from conftest import run_torchrun, tiny_overrides
+from conftest import run_cli, run_torchrun, tiny_overrides
 from engine import adapters
 from engine.config import ModelConfig, load_recipe
 from engine.distributed import transformer_blocks
@@ -101,3 +101,22 @@ def test_two_processes_qlora_on_default_targets(family, models, data, tmp_path):
     head = set(m["peft"]["modules_to_save"])
     assert any(k.split(".")[0] not in head for k in changed), "no adapter was merged into the body"
     assert answers(out / "tuned", "great wonderful superb film") in NAMES.values()
+
+
+def test_albert_shared_layer_under_fsdp_matches_one_process(models, data, tmp_path):
+    """ALBERT runs one layer group at every depth: FSDP shards it as one unit, gathered at each use;
+    its gradient, summed over the depths, must be that of one process."""
+    def losses(out):
+        rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        return [r["train/loss"] for r in rows if "train/loss" in r]
+
+    args = ["train.log_every=1", "train.max_steps=8", "checkpoint.keep=0", "train.lr=1e-3"]
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    model = models("albert")
+    p = run_cli("launch/train.py", "--recipe", "/dev/null", *tiny_overrides(model, data, one), *args,
+                "train.batch_size=8")
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_torchrun(2, "--recipe", "/dev/null", *tiny_overrides(model, data, two), *args, "train.batch_size=4",
+                     "distributed.strategy=fsdp")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(losses(one)) == 8 and losses(two) == pytest.approx(losses(one), abs=1e-5)
