@@ -24,9 +24,10 @@ from engine.config import Recipe
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# the layers that get adapters when peft.target_modules is not set, by config.model_type: the
-# attention's query and value projections (LoRA's paper), or the fused projection that holds them;
-# any other architecture gets every linear layer of its body ("all-linear")
+# the layers that get adapters when peft.target_modules is not set, by config.model_type. Encoders
+# and GPT-2: the attention's query and value projections (LoRA's paper), or the fused projection that
+# holds them. Decoder LLMs, and any architecture not listed: every linear layer of the body
+# ("all-linear", as the QLoRA paper found best for LLMs)
 DEFAULT_TARGETS = {
     "bert": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],
@@ -37,12 +38,8 @@ DEFAULT_TARGETS = {
     "albert": ["query", "value"],  # one layer shared across the depth: one set of adapters
     "mpnet": ["q", "v"],
     "modernbert": ["Wqkv"],
-    "llama": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
     "gpt2": ["c_attn"],  # a transformers Conv1D (weight stored transposed); PEFT handles it
+    **dict.fromkeys(("llama", "qwen2", "mistral", "gemma3_text", "phi3"), "all-linear"),
 }
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # bitsandbytes' NF4 block: its CPU kernels need the input width of every 4-bit layer to be a multiple
@@ -78,7 +75,8 @@ def target_modules(model: nn.Module, wanted: list[str] | None) -> list[str] | st
         return "all-linear"
     if wanted:
         return list(wanted)
-    return DEFAULT_TARGETS.get(model.config.model_type, "all-linear")
+    default = DEFAULT_TARGETS.get(model.config.model_type, "all-linear")
+    return default if isinstance(default, str) else list(default)
 
 
 def lora_config(model: nn.Module, recipe: Recipe):

@@ -91,8 +91,9 @@ class PeftConfig:
     r: int = 8  # rank of each adapter
     alpha: int = 16  # adapter output is scaled by alpha / r
     dropout: float = 0.1  # on the adapter's input, training only
-    # layers that get adapters; default per architecture (engine/adapters.py DEFAULT_TARGETS: the
-    # attention's query and value, e.g. DistilBERT q_lin,v_lin, Llama q_proj,v_proj); others all-linear
+    # layers that get adapters; default per architecture (engine/adapters.py DEFAULT_TARGETS): the
+    # attention's query and value for encoders (DistilBERT q_lin,v_lin; BERT query,value), all-linear
+    # for decoder LLMs and architectures not listed
     target_modules: Optional[list[str]] = None
 
 
