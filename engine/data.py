@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -48,11 +48,12 @@ class Splits:
 # Reading sources
 
 
-def load_splits(cfg: DataConfig, seed: int, model_names: Optional[list[str]] = None) -> Splits:
+def load_splits(cfg: DataConfig, seed: int,
+                model_names: Optional[Callable[[], Optional[list[str]]]] = None) -> Splits:
     """Read, filter, label-map and subsample the train and eval splits a recipe asks for.
 
-    `model_names`: the class names the model's config gives (modeling.config_label_names), used
-    for integer labels that neither the recipe nor the source names.
+    `model_names()`: the class names the model's config gives (modeling.config_label_names), asked
+    only for integer labels that neither the recipe nor the source names (it may reach the hub).
     """
     train_raw = read_split(cfg, cfg.train_split)
     if cfg.holdout_size:
@@ -241,7 +242,7 @@ def _read_text_label_pair(path: Path, split: str, cfg: DataConfig):
 
 
 def label_ids(raw: RawSplit, cfg: DataConfig, names: Optional[list[str]],
-              model_names: Optional[list[str]] = None):
+              model_names: Optional[Callable[[], Optional[list[str]]]] = None):
     """Map stored labels to class ids; returns (class names, ids).
 
     Class names, first found: `names` (the train split's, when mapping eval), data.label_names,
@@ -257,8 +258,9 @@ def label_ids(raw: RawSplit, cfg: DataConfig, names: Optional[list[str]],
     if all(v is not None for v in as_int):
         if names is None:
             n_classes = max(max(as_int) + 1, 2)
-            if model_names and len(model_names) == n_classes:
-                names = list(model_names)
+            named = model_names() if model_names else None
+            if named and len(named) == n_classes:
+                names = list(named)
             else:
                 names = [f"LABEL_{i}" for i in range(n_classes)]
         for v, row in zip(as_int, rows):

@@ -45,7 +45,7 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
 
     # data and model; the head's initialisation is seeded, and identical on every rank
     seed_everything(recipe.seed)
-    splits = data_lib.load_splits(recipe.data, recipe.seed, modeling.config_label_names(recipe.model))
+    splits = data_lib.load_splits(recipe.data, recipe.seed, lambda: modeling.config_label_names(recipe.model))
     tokenizer = modeling.load_tokenizer(recipe.model)
     model = modeling.load_model(recipe.model, splits.label_names, tokenizer)
     attention = modeling.attn_implementation(model)

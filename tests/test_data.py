@@ -243,7 +243,7 @@ def test_class_names_precedence(tmp_path, level, expected):
         cfg = DataConfig(source=source, eval_split="train", label_names=["bad", "good"] if level == "recipe" else None)
     else:
         cfg = DataConfig(source=tiny.make_data(tmp_path / "ints", n_train=20, n_test=11))
-    model_names = {"none": None, "model, other count": ["negative", "neutral", "positive"]}.get(level, MODEL_NAMES)
-    s = load_splits(cfg, seed=0, model_names=model_names)
+    named = {"none": None, "model, other count": ["negative", "neutral", "positive"]}.get(level, MODEL_NAMES)
+    s = load_splits(cfg, seed=0, model_names=lambda: named)
     assert s.label_names == expected
     assert set(s.train.labels.tolist()) == {0, 1}
