@@ -25,11 +25,22 @@ from engine.errors import AdapterError
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# the layers that get adapters when peft.target_modules is not set
+# the layers that get adapters when peft.target_modules is not set, by config.model_type. Encoders
+# and GPT-2: the attention's query and value projections (LoRA's paper), or the fused projection that
+# holds them. Decoder LLMs, and any architecture not listed: every linear layer of the body
+# ("all-linear", as the QLoRA paper found best for LLMs)
 DEFAULT_TARGETS = {
-    "distilbert": ["q_lin", "v_lin"],
     "bert": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
     "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "electra": ["query", "value"],
+    "albert": ["query", "value"],  # one layer shared across the depth: one set of adapters
+    "mpnet": ["q", "v"],
+    "modernbert": ["Wqkv"],
+    "gpt2": ["c_attn"],  # a transformers Conv1D (weight stored transposed); PEFT handles it
+    **dict.fromkeys(("llama", "qwen2", "mistral", "gemma3_text", "phi3"), "all-linear"),
 }
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # bitsandbytes' NF4 block: its CPU kernels need the input width of every 4-bit layer to be a multiple
@@ -61,7 +72,8 @@ def target_modules(model: nn.Module, wanted: list[str] | None) -> list[str] | st
         return "all-linear"
     if wanted:
         return list(wanted)
-    return DEFAULT_TARGETS.get(model.config.model_type, "all-linear")
+    default = DEFAULT_TARGETS.get(model.config.model_type, "all-linear")
+    return default if isinstance(default, str) else list(default)
 
 
 def lora_config(model: nn.Module, recipe: Recipe):

@@ -30,7 +30,9 @@ class ModelConfig:
     name_or_path: str = "distilbert-base-uncased"  # hub name, local folder, or package://pkg/path
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless asked for
-    attn_implementation: Optional[str] = "sdpa"  # sdpa | eager | None (transformers' default)
+    # auto: SDPA where the architecture has it, else its own default (DeBERTa-v2, MPNet: eager);
+    # sdpa | eager | flash_attention_2 ask for one and stop with one line where it is missing
+    attn_implementation: Optional[str] = "auto"
     gguf_file: Optional[str] = None  # a .gguf file inside name_or_path: de-quantised on load
 
 
@@ -105,8 +107,9 @@ class PeftConfig:
     r: int = 8  # rank of each adapter
     alpha: int = 16  # adapter output is scaled by alpha / r
     dropout: float = 0.1  # on the adapter's input, training only
-    # layers that get adapters; default per architecture: DistilBERT q_lin,v_lin; BERT and
-    # RoBERTa query,value; others all-linear
+    # layers that get adapters; default per architecture (engine/adapters.py DEFAULT_TARGETS): the
+    # attention's query and value for encoders (DistilBERT q_lin,v_lin; BERT query,value), all-linear
+    # for decoder LLMs and architectures not listed
     target_modules: Optional[list[str]] = None
 
 

@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -46,11 +46,16 @@ class Splits:
 # Reading sources
 
 
-def load_splits(cfg: DataConfig, seed: int) -> Splits:
-    """Read, filter, label-map and subsample the train and eval splits a recipe asks for."""
+def load_splits(cfg: DataConfig, seed: int,
+                model_names: Optional[Callable[[], Optional[list[str]]]] = None) -> Splits:
+    """Read, filter, label-map and subsample the train and eval splits a recipe asks for.
+
+    `model_names()`: the class names the model's config gives (modeling.config_label_names), asked
+    only for integer labels that neither the recipe nor the source names (it may reach the hub).
+    """
     train_raw = read_split(cfg, cfg.train_split)
     if cfg.holdout_size:
-        names, train_ids = label_ids(train_raw, cfg, None)
+        names, train_ids = label_ids(train_raw, cfg, None, model_names)
         train_all = Examples(train_raw.texts, train_ids, train_raw.origin)
         if cfg.holdout_size >= len(train_all.texts):
             raise DataError(f"{train_raw.origin}: data.holdout_size={cfg.holdout_size} leaves no "
@@ -61,7 +66,7 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         evals.origin += f" (held out: {cfg.holdout_size}, seed {seed})"
     else:
         eval_raw = read_split(cfg, cfg.eval_split)
-        names, train_ids = label_ids(train_raw, cfg, None)
+        names, train_ids = label_ids(train_raw, cfg, None, model_names)
         _, eval_ids = label_ids(eval_raw, cfg, names)
         train = Examples(train_raw.texts, train_ids, train_raw.origin)
         evals = Examples(eval_raw.texts, eval_ids, eval_raw.origin)
@@ -240,8 +245,14 @@ def _read_text_label_pair(path: Path, split: str, cfg: DataConfig):
 # Labels and subsets
 
 
-def label_ids(raw: RawSplit, cfg: DataConfig, names: Optional[list[str]]):
-    """Map stored labels to class ids; returns (class names, ids)."""
+def label_ids(raw: RawSplit, cfg: DataConfig, names: Optional[list[str]],
+              model_names: Optional[Callable[[], Optional[list[str]]]] = None):
+    """Map stored labels to class ids; returns (class names, ids).
+
+    Class names, first found: `names` (the train split's, when mapping eval), data.label_names,
+    the names the source declares (hub ClassLabel, mapping.txt, aclImdb's neg/pos), the model's
+    own names when integer labels count exactly as many classes, else LABEL_i.
+    """
     values, rows, column = raw.labels, raw.rows, raw.column
     for v, row in zip(values, rows):
         if v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and not v.strip()):
@@ -250,8 +261,12 @@ def label_ids(raw: RawSplit, cfg: DataConfig, names: Optional[list[str]]):
     as_int = [_as_int(v) for v in values]
     if all(v is not None for v in as_int):
         if names is None:
-            top = max(as_int)
-            names = [f"LABEL_{i}" for i in range(max(top + 1, 2))]
+            n_classes = max(max(as_int) + 1, 2)
+            named = model_names() if model_names else None
+            if named and len(named) == n_classes:
+                names = list(named)
+            else:
+                names = [f"LABEL_{i}" for i in range(n_classes)]
         for v, row in zip(as_int, rows):
             if not 0 <= v < len(names):
                 raise DataError(f"{raw.origin}: row {row}, column '{column}': label {v} out of range "

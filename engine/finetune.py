@@ -42,9 +42,10 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
 
     # data and model; the head's initialisation is seeded, and identical on every rank
     seed_everything(recipe.seed)
-    splits = data_lib.load_splits(recipe.data, recipe.seed)
+    splits = data_lib.load_splits(recipe.data, recipe.seed, lambda: modeling.config_label_names(recipe.model))
     tokenizer = modeling.load_tokenizer(recipe.model)
     model = modeling.load_model(recipe.model, splits.label_names, tokenizer)
+    attention = modeling.attn_implementation(model)
     pad_id, pad_left = tokenizer.pad_token_id, tokenizer.padding_side == "left"
     d = recipe.data
     cut = dict(truncation=d.truncation, head_tokens=d.head_tokens)
@@ -88,7 +89,7 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
                     + (f"test {len(test_set)} from {splits.test.origin}; " if test_set else "")
                     + f"{dist.world} process(es), "
                     f"{torch.get_num_threads()} thread(s) each, strategy {dist.strategy}, "
-                    f"precision {train_cfg.precision}")
+                    f"precision {train_cfg.precision}, attention {attention}")
     tracker.message(f"base{' (4-bit, as it trains)' if peft == 'qlora' else ''}: "
                     f"accuracy {base_metrics['accuracy']:.4f}  f1 {base_metrics['f1']:.4f}")
     if peft != "none":
@@ -175,6 +176,7 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
                       "threads_per_process": torch.get_num_threads(), "resumed_from": str(resume_from or ""),
                       **peak},
             "params": counts,
+            "model": {"name_or_path": recipe.model.name_or_path, "attn_implementation": attention},
             "evals": [{k: e[k] for k in ("step", "epoch", "accuracy", "f1", "loss", "ece")}
                       for e in state.evals],
             "data": {"train": splits.train.origin, "eval": splits.eval.origin,

@@ -1,11 +1,12 @@
 """Load a sequence-classification model and its tokenizer by hub name or local folder."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
 from safetensors import SafetensorError
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from engine.config import ModelConfig
 from engine.errors import MissingPackageError, ModelError
@@ -49,6 +50,14 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
+def attention_kwargs(cfg: ModelConfig) -> dict:
+    """from_pretrained's attn_implementation argument: none for `auto`, since left unset
+    transformers takes SDPA where the architecture has it and its eager default elsewhere."""
+    if cfg.attn_implementation in (None, "auto"):
+        return {}
+    return {"attn_implementation": cfg.attn_implementation}
+
+
 def load_model(cfg: ModelConfig, label_names: Optional[list[str]] = None, tokenizer=None, **extra):
     """The pretrained body with a classification head sized for `label_names` (None: as saved).
 
@@ -62,10 +71,14 @@ def load_model(cfg: ModelConfig, label_names: Optional[list[str]] = None, tokeni
             id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
         )
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
+    kwargs.update(attention_kwargs(cfg))
     try:
         model = load_pretrained("model", AutoModelForSequenceClassification.from_pretrained, cfg, **kwargs)
+    except ModelError as e:
+        if "attn_implementation" in kwargs and "attention implementation" in str(e):
+            raise ModelError(f"{cfg.name_or_path}: model.attn_implementation={cfg.attn_implementation} is not "
+                             f"supported by this architecture; use auto (or eager)") from None
+        raise
     except RuntimeError as e:
         if "mismatched" not in str(e):
             raise
@@ -78,10 +91,32 @@ def load_model(cfg: ModelConfig, label_names: Optional[list[str]] = None, tokeni
     return model
 
 
+def attn_implementation(model) -> str:
+    """The attention kernel the loaded model runs (what `auto` chose)."""
+    return str(getattr(model.config, "_attn_implementation", None) or "eager")
+
+
+def config_label_names(cfg: ModelConfig) -> Optional[list[str]]:
+    """The class names the model's config gives, unless they are transformers' LABEL_i defaults.
+
+    None when there are none, or the config cannot be read (loading the model says why later).
+    """
+    try:
+        config = load_pretrained("config", AutoConfig.from_pretrained, cfg)
+    except ModelError:
+        return None
+    id2label = getattr(config, "id2label", None) or {}
+    names = [str(id2label[i]) for i in sorted(id2label, key=int)] if id2label else []
+    if not names or any(re.fullmatch(r"LABEL_\d+", n) for n in names) or len(set(names)) != len(names):
+        return None
+    return names
+
+
 def enable_activation_checkpointing(model) -> None:
     """Recompute each block's activations during backward instead of keeping them."""
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ModelError(f"{type(model).__name__} does not support activation checkpointing")
+        raise ModelError(f"{type(model).__name__} does not support activation checkpointing; set "
+                         f"train.activation_checkpointing=false")
     # non-reentrant: works with frozen inputs (LoRA), DDP and FSDP without extra hooks
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 names it so
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -15,9 +15,12 @@ from engine.config import load_recipe
 from engine.errors import RecipeError
 from engine.finetune import finetune
 
-ARCHS = ["distilbert", "bert", "roberta"]
-HEADS = {"distilbert": ["classifier", "pre_classifier"], "bert": ["classifier"], "roberta": ["classifier"]}
-TARGETS = {"distilbert": ["q_lin", "v_lin"], "bert": ["query", "value"], "roberta": ["query", "value"]}
+# GPT-2: its attention is a transformers Conv1D (weight stored transposed), 4-bit as a Linear4bit
+ARCHS = ["distilbert", "bert", "roberta", "gpt2"]
+HEADS = {"distilbert": ["classifier", "pre_classifier"], "bert": ["classifier"], "roberta": ["classifier"],
+         "gpt2": ["score"]}
+TARGETS = {"distilbert": ["q_lin", "v_lin"], "bert": ["query", "value"], "roberta": ["query", "value"],
+           "gpt2": ["c_attn"]}
 TEXTS = ["great wonderful superb film", "awful boring terrible film", "the plot was fine but dull",
          "a really brilliant and enjoyable story", "this movie was quite poor"]
 
@@ -211,7 +214,7 @@ def test_quantization_config_follows_precision_and_strategy():
 
 
 def test_defaults_per_architecture_and_all_linear_keeps_the_head_whole(wide):
-    other = SimpleNamespace(config=SimpleNamespace(model_type="deberta-v2"))
+    other = SimpleNamespace(config=SimpleNamespace(model_type="funnel"))  # no default of its own
     assert adapters.target_modules(other, None) == "all-linear"
     assert adapters.target_modules(other, ["a", "b"]) == ["a", "b"]
     # all-linear on RoBERTa: LoRA on every body linear, none inside classifier.dense/out_proj

@@ -216,3 +216,34 @@ def test_tokenize_is_cached(tmp_path):
     assert calls == []  # served from the cache
     assert [x.tolist() for x in first.ids] == [x.tolist() for x in second.ids]
     assert tokenize(ex, tok, 2, str(tmp_path)).ids[1].tolist() != first.ids[1].tolist()  # max_length is in the key
+
+
+MODEL_NAMES = ["negative", "positive"]
+
+
+def _mapped_pair(folder, mapping):
+    """TweetEval's layout: integer labels beside a mapping file that names them."""
+    folder.mkdir()
+    (folder / "train_text.txt").write_text("meh\nyay\nboo\nhm\n")
+    (folder / "train_labels.txt").write_text("1\n0\n1\n0\n")
+    (folder / "mapping.txt").write_text(mapping)
+    return str(folder)
+
+
+@pytest.mark.parametrize("level, expected", [
+    ("recipe", ["bad", "good"]),  # data.label_names first
+    ("source", ["neg", "pos"]),  # then the names the source declares (mapping.txt)
+    ("model", MODEL_NAMES),  # then the model's own names, for bare integers
+    ("model, other count", ["LABEL_0", "LABEL_1"]),  # ... only when they count the data's classes
+    ("none", ["LABEL_0", "LABEL_1"]),
+])
+def test_class_names_precedence(tmp_path, level, expected):
+    if level in ("recipe", "source"):
+        source = _mapped_pair(tmp_path / "pair", "0\tneg\n1\tpos\n")
+        cfg = DataConfig(source=source, eval_split="train", label_names=["bad", "good"] if level == "recipe" else None)
+    else:
+        cfg = DataConfig(source=tiny.make_data(tmp_path / "ints", n_train=20, n_test=11))
+    named = {"none": None, "model, other count": ["negative", "neutral", "positive"]}.get(level, MODEL_NAMES)
+    s = load_splits(cfg, seed=0, model_names=lambda: named)
+    assert s.label_names == expected
+    assert set(s.train.labels.tolist()) == {0, 1}

@@ -1,4 +1,4 @@
-"""Decoder LLMs (Llama, Qwen2, Gemma 3 shapes) as classifiers: padding, blocks, checkpointing, training."""
+"""Decoder LLMs (Llama, Qwen2, Gemma 3, Mistral, Phi-3, GPT-2 shapes) as classifiers: padding, blocks, checkpointing, training."""
 import json
 
 import numpy as np
@@ -13,7 +13,8 @@ from engine.distributed import transformer_blocks
 from engine.finetune import finetune
 from engine.modeling import enable_activation_checkpointing, load_model, load_tokenizer
 
-BLOCKS = {"llama": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer", "gemma3": "Gemma3DecoderLayer"}
+BLOCKS = {"llama": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer", "gemma3": "Gemma3DecoderLayer",
+          "mistral": "MistralDecoderLayer", "phi3": "Phi3DecoderLayer", "gpt2": "GPT2Block"}
 
 
 @pytest.fixture(scope="module", params=tiny.DECODERS)

@@ -23,18 +23,47 @@ ARCH = {
     "roberta": dict(model_type="roberta", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                     intermediate_size=64, max_position_embeddings=130),
 }
+ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=130)
+ARCH.update({
+    "xlm-roberta": dict(model_type="xlm-roberta", **ENCODER),
+    "electra": dict(model_type="electra", embedding_size=32, **ENCODER),
+    # ALBERT: one layer shared across the depth; factorised embeddings as wide as the body here
+    "albert": dict(model_type="albert", embedding_size=32, **ENCODER),
+    "mpnet": dict(model_type="mpnet", **ENCODER),
+    # shaped like DeBERTa-v3: relative positions (both attention terms), no absolute positions
+    "deberta-v2": dict(model_type="deberta-v2", relative_attention=True, pos_att_type=["p2c", "c2p"],
+                       position_biased_input=False, position_buckets=16, max_relative_positions=-1,
+                       share_att_key=True, norm_rel_ebd="layer_norm", type_vocab_size=0, **ENCODER),
+    "modernbert": dict(model_type="modernbert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=128, global_attn_every_n_layers=2,
+                       local_attention=16),
+})
 DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                num_key_value_heads=1, max_position_embeddings=128)
 ARCH.update({
     "llama": dict(model_type="llama", **DECODER),
     "qwen2": dict(model_type="qwen2", **DECODER),
     "gemma3": dict(model_type="gemma3_text", head_dim=16, sliding_window=16, **DECODER),
+    "mistral": dict(model_type="mistral", sliding_window=16, **DECODER),
+    "phi3": dict(model_type="phi3", **DECODER),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_inner=64, n_layer=2, n_head=2, n_positions=128),
 })
-DECODERS = ("llama", "qwen2", "gemma3")  # no dropout by default: nothing to switch off
+DECODERS = ("llama", "qwen2", "gemma3", "mistral", "phi3", "gpt2")
+# the families of the matrix in tests/test_families.py: every kind people fine-tune for sentiment
+FAMILIES = ("bert", "distilbert", "roberta", "xlm-roberta", "deberta-v2", "electra", "albert", "mpnet",
+            "modernbert", *DECODERS)
 NO_DROPOUT = {
     "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0),
     "distilbert": dict(dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0),
     "roberta": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0),
+    "xlm-roberta": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0),
+    "electra": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0),
+    "albert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0),
+    "mpnet": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    "deberta-v2": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pooler_dropout=0.0),
+    "modernbert": dict(attention_dropout=0.0, mlp_dropout=0.0, embedding_dropout=0.0, classifier_dropout=0.0),
+    "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0),
 }
 
 
@@ -68,7 +97,10 @@ def make_bpe_tokenizer():
 # the width keys of each architecture: (hidden, feed-forward)
 WIDTH_KEYS = {"bert": ("hidden_size", "intermediate_size"), "distilbert": ("dim", "hidden_dim"),
               "roberta": ("hidden_size", "intermediate_size"),
-              **{d: ("hidden_size", "intermediate_size") for d in ("llama", "qwen2", "gemma3")}}
+              **{a: ("hidden_size", "intermediate_size") for a in FAMILIES if a not in ("distilbert", "gpt2")},
+              "gpt2": ("n_embd", "n_inner")}
+# keys that must follow the width: (key, width -> value)
+WIDTH_FOLLOWERS = {"embedding_size": lambda h: h, "head_dim": lambda h: h // 2}
 
 
 def make_model(folder, arch: str = "bert", num_labels: int = 2, dropout: bool = False, seed: int = 0,
@@ -86,11 +118,17 @@ def make_model(folder, arch: str = "bert", num_labels: int = 2, dropout: bool = 
     spec = dict(ARCH[arch])
     if hidden:
         spec.update(zip(WIDTH_KEYS[arch], (hidden, 2 * hidden)))
-    kw = {} if dropout or arch in DECODERS else dict(NO_DROPOUT[arch])  # a copy: the updates below must not leak
+        spec.update({k: f(hidden) for k, f in WIDTH_FOLLOWERS.items() if k in spec})
+    kw = dict(NO_DROPOUT.get(arch, {})) if not dropout else {}  # a copy: the updates below must not leak
     if init_range:
         kw["initializer_range"] = init_range
     if id2label:
         kw.update(id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    # special tokens the tokenizer has (config defaults name ids outside the tiny vocabulary)
+    ends = {"bos_token_id": tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.eos_token_id,
+            "eos_token_id": tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id,
+            "cls_token_id": tokenizer.cls_token_id, "sep_token_id": tokenizer.sep_token_id}
+    kw.update({k: v for k, v in ends.items() if v is not None})
     config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=max(vocab_size or 0, len(tokenizer)),
                                   num_labels=num_labels,
                                   pad_token_id=tokenizer.pad_token_id, **spec, **kw)

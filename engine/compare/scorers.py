@@ -78,7 +78,7 @@ class TransformersScorer(Scorer):
         cfg = ModelConfig(name_or_path=spec, trust_remote_code=recipe.trust_remote_code)
         self.spec, self.name = spec, display_name(spec)
         self.tokenizer = modeling.load_tokenizer(cfg)
-        kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+        kwargs = modeling.attention_kwargs(cfg)
         # loading info tells a trained head from one transformers just initialised at random
         self.model, info = modeling.load_pretrained("model", AutoModelForSequenceClassification.from_pretrained, cfg,
                                           output_loading_info=True, **kwargs)
