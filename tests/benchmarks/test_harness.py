@@ -8,7 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of scripts at the root, not installed
 
-from benchmarks import measure  # noqa: E402
+from benchmarks import measure, report  # noqa: E402
 from benchmarks.matrix import MatrixError, load_matrix  # noqa: E402
 from conftest import run_cli  # noqa: E402
 
@@ -316,6 +316,24 @@ def test_mfu_above_the_probed_peak_is_withheld_with_a_reason():
     assert below["mfu"] == pytest.approx(0.25) and below["mfu_note"] is None
     above = run.summarize(s, [one], shape, {"fp16": {"flops": fpt * 256.0 / 3}}, None, 0.25)
     assert above["mfu"] is None and "probe" in above["mfu_note"] and above["achieved_flops"] > 0
+
+
+def test_an_auto_scenario_keeps_what_it_resolved_to_and_its_mfu_uses_that_peak():
+    from benchmarks import run
+    from benchmarks.matrix import validate
+    s = {**validate({"model": "m", "data": {"source": "d"}, "steps": 4, "precision": "auto"}, "t"), "id": "x"}
+    shape = measure.ModelShape(non_embedding_params=10_000_000, total_params=12_000_000, layers=6, hidden=384,
+                               model_type="bert")
+    one = {"status": "ok", "samples_per_s": 1.0, "real_tokens_per_s": 256.0, "padded_tokens_per_s": 260.0,
+           "padding_share": 0.01, "mean_real_len": 256.0, "step_times": [1.0, 1.1], "trainable_params": 1,
+           "total_params": 1, "tree_peak_rss_bytes": 1, "max_process_rss_bytes": 1, "load": None,
+           "precision": "bf16", "precision_ratio": 3.7}
+    fpt = measure.flops_per_token(10_000_000, 6, 384, 256.0)
+    rec = run.summarize(s, [one], shape, {"fp32": {"flops": fpt * 256.0 * 8}, "bf16": {"flops": fpt * 256.0 * 2}},
+                        None, 0.25)
+    assert (rec["scenario"]["precision"], rec["precision"], rec["precision_ratio"]) == ("auto", "bf16", 3.7)
+    assert rec["mfu"] == pytest.approx(0.5)  # against the bf16 peak, not fp32's
+    assert "(auto: bf16)" in report.table([{**rec, "ratio_to_baseline": None}])[2]
 
 
 def test_interrupted_matrix_writes_what_finished_and_leaves_no_run_behind(tmp_path):
