@@ -186,10 +186,28 @@ def test_bad_matrix_stops_with_one_line_and_exit_2(tmp_path, text, message):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", ["cpu_smoke", "cpu_full", "cpu_accuracy", "gpu"])
+@pytest.mark.parametrize("name", ["cpu_smoke", "cpu_full", "cpu_accuracy", "cpu_kinds", "gpu"])
 def test_shipped_matrices_load(name):
     m = load_matrix(MATRICES / f"{name}.yaml")
     assert m["scenarios"] and len({s["id"] for s in m["scenarios"]}) == len(m["scenarios"])
+
+
+def test_cpu_kinds_needs_no_edit_per_machine():
+    """Every row says precision auto, and each same-lever engine row has its Trainer twin."""
+    m = load_matrix(MATRICES / "cpu_kinds.yaml")
+    rows = {s["id"]: s for s in m["scenarios"]}
+    assert all(s["precision"] == "auto" for s in rows.values() if not s.get("is_baseline"))
+    for procs in ("1proc", "ddp2"):
+        engine, trainer = rows[f"same-levers-engine-{procs}"], rows[f"same-levers-trainer-{procs}"]
+        levers = ("precision", "group_by_length", "strategy", "nproc", "steps", "batch_size", "data", "repeats")
+        assert {k: engine[k] for k in levers} == {k: trainer[k] for k in levers} and engine["repeats"] == 3
+    demo = rows["demo-as-shipped"]
+    from engine.config import load_recipe
+    shipped = load_recipe(ROOT / "recipes" / "demo_minilm_imdb.yaml")
+    assert (demo["strategy"], demo["max_length"], demo["data"]["train_size"], demo["epochs"], demo["batch_size"]) == \
+           (shipped.distributed.strategy, shipped.data.max_length, shipped.data.train_size, shipped.train.epochs,
+            shipped.train.batch_size * demo["nproc"])  # the harness's batch_size is global
+    assert rows[demo["baseline_id"]]["precision"] == "fp32"  # the blog recipe, on the demo's examples
 
 
 def test_scenarios_that_cannot_run_say_why(tmp_path):
