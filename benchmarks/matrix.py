@@ -41,7 +41,7 @@ SETTINGS: dict[str, Any] = {
     "strategy": "none",  # none | ddp | fsdp
     "nproc": 1,  # processes (torchrun when strategy is not none, or nproc > 1)
     "method": "full",  # full | lora | qlora
-    "precision": "fp32",  # fp32 | bf16 | fp16
+    "precision": "fp32",  # fp32 | bf16 | fp16 | auto (as train.precision=auto: each record keeps what it ran)
     "batch_size": 16,  # GLOBAL examples per micro-step (all processes): split evenly over nproc
     "grad_accum": 1,
     "eval_batch_size": 64,  # per process
@@ -66,7 +66,7 @@ DATA_KEYS = {"source", "synthetic", "train_split", "eval_split", "text_column", 
              "where", "rename_columns", "encoding", "train_size", "eval_size", "holdout_size", "test_split",
              "test_size", "truncation", "head_tokens"}
 CHOICES = {"runner": ("engine", "trainer"), "strategy": ("none", "ddp", "fsdp"),
-           "method": ("full", "lora", "qlora"), "precision": ("fp32", "bf16", "fp16")}
+           "method": ("full", "lora", "qlora"), "precision": ("fp32", "bf16", "fp16", "auto")}
 POSITIVE_INTS = ("max_length", "nproc", "batch_size", "grad_accum", "eval_batch_size", "repeats",
                  "log_every", "timeout_s")
 # what makes two scenarios train the same examples for the same steps: each distinct workload gets

@@ -32,7 +32,8 @@ def table(records: list[dict]) -> list[str]:
         st = r["step_time_s"]
         load = r["load"]
         rows.append("| " + " | ".join([
-            f"`{r['id']}`" + (" (baseline)" if r["scenario"].get("is_baseline") else ""),
+            f"`{r['id']}`" + (" (baseline)" if r["scenario"].get("is_baseline") else "")
+            + (f" (auto: {r['precision']})" if r["scenario"]["precision"] == "auto" and r.get("precision") else ""),
             r["status"].replace("|", "/"),
             num(r["samples_per_s"], ".3g"),
             num(r["ratio_to_baseline"], ".2f"),

@@ -364,7 +364,8 @@ def read_engine(run_dir: Path, s: dict) -> dict:
                snapshot_accuracy=metrics["tuned"]["accuracy"], snapshot_base_accuracy=metrics["base"]["accuracy"],
                trainable_params=metrics["params"]["trainable_params"], total_params=metrics["params"]["total_params"],
                cuda_peak_bytes=int(train["peak_memory_mb"] * 2**20) if cuda and "peak_memory_mb" in train else None,
-               train_seconds=train.get("train_seconds"), threads=train.get("threads_per_process"))
+               train_seconds=train.get("train_seconds"), threads=train.get("threads_per_process"),
+               precision=train.get("precision", s["precision"]), precision_ratio=train.get("precision_ratio"))
     if s["method"] != "full" and out["trainable_params"] >= out["total_params"]:
         raise ValueError(f"the engine trained all {out['total_params']:,} parameters for method {s['method']}")
     return out
@@ -381,7 +382,8 @@ def read_trainer(run_dir: Path, s: dict) -> dict:
     out.update(curve=[{"step": e["step"], "t": round(e["t"], 3), "accuracy": e["accuracy"]} for e in evals.values()],
                accuracy=final.get("accuracy"), f1=final.get("f1"),
                trainable_params=bench["params"]["trainable_params"], total_params=bench["params"]["total_params"],
-               cuda_peak_bytes=bench.get("cuda_peak_bytes"), train_seconds=line[-1][1], threads=bench.get("threads"))
+               cuda_peak_bytes=bench.get("cuda_peak_bytes"), train_seconds=line[-1][1], threads=bench.get("threads"),
+               precision=bench.get("precision", s["precision"]), precision_ratio=bench.get("precision_ratio"))
     return out
 
 
@@ -409,6 +411,9 @@ def summarize(s: dict, runs: list[dict], shape, peaks: dict, datasheet: dict | N
            "accuracy": None, "f1": None, "base_accuracy": None, "base_f1": None,
            "target_accuracy": s["target_accuracy"], "time_to_target_s": None,
            "curve": None, "ratio_to_baseline": None, "baseline_id": s.get("baseline_id"),
+           # what ran: the scenario's precision, or what auto resolved to on this machine (and the
+           # measured bf16/fp32 matmul ratio that decided it)
+           "precision": s["precision"] if s["precision"] != "auto" else None, "precision_ratio": None,
            "load": None, "disturbed": False, "repeats": runs}
     if not ok:
         return rec
@@ -420,7 +425,8 @@ def summarize(s: dict, runs: list[dict], shape, peaks: dict, datasheet: dict | N
                step_time_s={"median": statistics.median(steps), "min": min(steps), "max": max(steps),
                             "steps": len(steps)},
                samples_per_s_range=[min(r["samples_per_s"] for r in ok), max(r["samples_per_s"] for r in ok)],
-               trainable_params=ok[0]["trainable_params"], total_params=ok[0]["total_params"])
+               trainable_params=ok[0]["trainable_params"], total_params=ok[0]["total_params"],
+               precision=ok[0].get("precision", s["precision"]), precision_ratio=ok[0].get("precision_ratio"))
     cuda = [r["cuda_peak_bytes"] for r in ok if r.get("cuda_peak_bytes")]
     if cuda:
         rec.update(peak_memory_bytes=max(cuda), peak_memory_of="cuda max_memory_allocated (largest rank)")
@@ -430,12 +436,12 @@ def summarize(s: dict, runs: list[dict], shape, peaks: dict, datasheet: dict | N
     if shape:
         fpt = measure.flops_per_token(shape.non_embedding_params, shape.layers, shape.hidden, rec["mean_real_len"])
         achieved = fpt * rec["real_tokens_per_s"]
-        peak = (peaks.get(s["precision"]) or {}).get("flops")
+        peak = (peaks.get(rec["precision"]) or {}).get("flops")
         rec.update(flops_per_token=fpt, achieved_flops=achieved, mfu=achieved / peak if peak else None)
         if rec["mfu"] is not None and rec["mfu"] > 1:
             rec.update(mfu=None, mfu_note=MFU_ABOVE_PEAK)
-        if datasheet and datasheet.get(s["precision"]):
-            rec["mfu_datasheet"] = achieved / datasheet[s["precision"]]
+        if datasheet and datasheet.get(rec["precision"]):
+            rec["mfu_datasheet"] = achieved / datasheet[rec["precision"]]
     if s["epochs"] is not None:  # trained to the end: its accuracy means something
         first = ok[0]
         rec.update(accuracy=med("accuracy") if all(r["accuracy"] is not None for r in ok) else None,
@@ -506,6 +512,23 @@ def probe(work: Path) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def dry_precision(s: dict) -> str:
+    """The scenario's precision; for auto, what it resolves to on this machine (the cached probe)."""
+    if s["precision"] != "auto":
+        return s["precision"]
+    import torch
+
+    from engine.precision import choose
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(s["threads"] or max(1, len(measure.usable_cpus()) // s["nproc"]))
+    try:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        return f"auto (here: {choose('auto', device, say=lambda text: None).name})"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--matrix", required=True, help="benchmarks/matrices/X.yaml")
@@ -533,7 +556,7 @@ def main() -> int:
             raise Fatal(f"--only {args.only!r} matches no scenario of {args.matrix}")
     if args.dry_run:
         for s in scenarios:
-            what = f"{s['runner']} {s['strategy']}x{s['nproc']} {s['method']} {s['precision']}"
+            what = f"{s['runner']} {s['strategy']}x{s['nproc']} {s['method']} {dry_precision(s)}"
             print(f"{s['id']:<40} {what}  baseline: {s.get('baseline_id') or '-'}  repeats {s['repeats']}")
         return 0
     out = Path(args.out)

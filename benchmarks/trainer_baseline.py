@@ -65,9 +65,16 @@ def main() -> int:
     from engine.data import load_splits
     from engine.metrics import classification_metrics
     from engine.paths import resolve
+    from engine.precision import choose
 
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    # precision auto: what the engine would pick on this machine (each rank reads the probe cache;
+    # no process group exists yet to hand rank 0's answer over)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    chosen = choose(s["precision"], device, say=print if rank == 0 else (lambda text: None))
+    s["precision"] = chosen.name
     recipe = load_recipe(None, s["data_overrides"])  # the engine's selection of the same examples
     splits = load_splits(recipe.data, recipe.seed)
     label_names = splits.label_names
@@ -159,7 +166,7 @@ def main() -> int:
             "params": {"total_params": sum(p.numel() for p in model.parameters()),
                        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)},
             "cuda_peak_bytes": cuda_peak, "threads": torch.get_num_threads(),
-            "train_n": len(tokenized_train), "eval_n": len(tokenized_test),
+            "train_n": len(tokenized_train), "eval_n": len(tokenized_test), **chosen.as_dict(),
             "training_args": {k: v for k, v in kwargs.items() if k != "output_dir"},
         }
         tmp = out / "bench.json.tmp"

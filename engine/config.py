@@ -79,7 +79,11 @@ class TrainConfig:
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; weights stay fp32
+    # autocast dtype; weights stay fp32. auto: bf16 where the hardware computes it natively (a GPU
+    # with bf16 units, a CPU whose bf16 matmul a cached probe finds >= 1.3x fp32), else fp32.
+    # The default stays fp32 so a recipe without the key repeats its arithmetic exactly anywhere;
+    # the shipped recipes say auto.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     group_by_length: bool = True  # batches of similar lengths: less padding
     eval_every: int = 0  # steps; 0 = only at each epoch end
     keep_best: bool = False  # tuned/ = the best eval-accuracy state instead of the last

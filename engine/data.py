@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig
+from engine import paths
 from engine.errors import DataError, MissingPackageError
 from engine.paths import is_local, resolve
 
@@ -334,8 +335,7 @@ class Tokenized:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sentiment-engine" / "tokens"
+    return paths.user_cache_dir() / "tokens"
 
 
 def tokenize(examples: Examples, tokenizer, max_length: int, cache_dir: Optional[str] = None,

@@ -2,20 +2,41 @@
 
 Under several ranks each rank scores its share of the batches and the logits are gathered back
 into dataset order, so every example counts exactly once whatever the world size.
+
+A base model's score depends only on its weights, the eval examples as tokenized and how they are
+run (precision, batch size, ...): `cached_score` keeps it under the user cache, so a sweep of runs
+from one base scores it once.
 """
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from engine.data import Tokenized, collate, eval_batches, model_inputs
 from engine.metrics import classification_metrics
+from engine.paths import user_cache_dir
 
 
-@torch.no_grad()
+def no_autograd(strategy: str):
+    """inference_mode: no graph, no version counters; FSDP2's forward breaks under it (its
+    all-gathered parameters become inference tensors it later writes to), so no_grad there."""
+    return torch.no_grad() if strategy == "fsdp" else torch.inference_mode()
+
+
 def predict(model, data: Tokenized, batch_size: int, precision, dist, pad_id: int,
             pad_left: bool = False) -> np.ndarray:
     """Logits for every example, in dataset order, on every rank."""
+    with no_autograd(dist.strategy):
+        return _predict(model, data, batch_size, precision, dist, pad_id, pad_left)
+
+
+def _predict(model, data: Tokenized, batch_size: int, precision, dist, pad_id: int, pad_left: bool) -> np.ndarray:
     was_training = model.training
     model.eval()
     # DDP's forward adds nothing at eval; FSDP's forward gathers the shards, so it must be called
@@ -56,6 +77,46 @@ def evaluate(model, data: Tokenized, label_names: list[str], batch_size: int, pr
              pad_id: int, pad_left: bool = False) -> dict:
     logits = predict(model, data, batch_size, precision, dist, pad_id, pad_left)
     return classification_metrics(logits, data.labels, label_names)
+
+
+def eval_set_digest(data: Tokenized) -> str:
+    """The eval examples exactly as the model sees them: token ids (so tokenizer, max_length and
+    truncation are in it) and labels."""
+    h = hashlib.sha256()
+    for ids in data.ids:
+        h.update(np.asarray(ids, dtype=np.int32).tobytes())
+        h.update(b"\0")
+    h.update(np.asarray(data.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def cached_score(key: dict | None, score: Callable[[], dict], dist, folder: Path | None = None) -> tuple[dict, bool]:
+    """(metrics, reused): rank 0 looks `key` up and every rank follows; on a miss all ranks score
+    (collectives inside) and rank 0 stores the result. key None (rank != 0) or {} scores always."""
+    file = None
+    if dist.is_main and key:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        file = (folder or user_cache_dir() / "base_scores") / f"{digest}.json"
+    found = None
+    if file is not None and file.exists():
+        try:
+            saved = json.loads(file.read_text(encoding="utf-8"))
+            found = saved["metrics"] if saved.get("key") == key else None
+        except (OSError, ValueError, KeyError):  # damaged: score again
+            found = None
+    found = dist.broadcast_object(found)
+    if found is not None:
+        return found, True
+    metrics = score()
+    if file is not None:
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": key, "metrics": metrics}), encoding="utf-8")
+            os.replace(tmp, file)
+        except OSError:  # an unwritable cache costs a base eval per run, nothing else
+            pass
+    return metrics, False
 
 
 def evaluate_pretrained(model_path: str, data_cfg, split: str, batch_size: int = 64,

@@ -9,16 +9,17 @@ import hashlib
 import random
 import resource
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from engine import adapters, checkpoint, data as data_lib, distributed, loop, modeling, optim, signals
+from engine import precision as precision_lib
 from engine.config import Recipe, dump_recipe, to_dict
 from engine.errors import OutputDirError
-from engine.evaluation import evaluate
+from engine.evaluation import cached_score, eval_set_digest, evaluate
+from engine.metrics import TimeParts
 from engine.precision import Precision
 from engine.tracking import Tracker
 
@@ -31,27 +32,35 @@ def seed_everything(seed: int) -> None:
 
 def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None) -> dict:
     """Run a recipe to the end; `resume` is "auto" (latest checkpoint in output_dir) or a folder."""
-    started = time.perf_counter()
+    parts = TimeParts()
     out = Path(recipe.output_dir)
     dist = distributed.init(recipe.distributed, recipe.train.num_threads)
-    train_cfg = recipe.train
-    precision = Precision(train_cfg.precision, dist.device)
+    say = print if dist.is_main else (lambda text: None)
+    # one rank probes the CPU (after init: the probe runs on the threads training will use)
+    choice = precision_lib.choose(recipe.train.precision, dist.device, dist.broadcast_object, say, dist.is_main)
+    say(choice.describe())
+    precision = Precision(choice.name, dist.device)
     resume_from = prepare_output_dir(out, overwrite, resume, dist)
     if dist.is_main:
-        dump_recipe(recipe, out / "recipe.yaml")
+        dump_recipe(recipe, out / "recipe.yaml")  # as asked (auto stays auto); metrics.json says what ran
+    # from here on the recipe says what runs: the adapters' compute dtype reads it too
+    recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, precision=choice.name))
+    train_cfg = recipe.train
 
     # data and model; the head's initialisation is seeded, and identical on every rank
     seed_everything(recipe.seed)
-    splits = data_lib.load_splits(recipe.data, recipe.seed, lambda: modeling.config_label_names(recipe.model))
-    tokenizer = modeling.load_tokenizer(recipe.model)
-    model = modeling.load_model(recipe.model, splits.label_names, tokenizer)
+    with parts.part("load"):
+        splits = data_lib.load_splits(recipe.data, recipe.seed, lambda: modeling.config_label_names(recipe.model))
+        tokenizer = modeling.load_tokenizer(recipe.model)
+        model = modeling.load_model(recipe.model, splits.label_names, tokenizer)
     attention = modeling.attn_implementation(model)
     pad_id, pad_left = tokenizer.pad_token_id, tokenizer.padding_side == "left"
     d = recipe.data
     cut = dict(truncation=d.truncation, head_tokens=d.head_tokens)
-    train_set = data_lib.tokenize(splits.train, tokenizer, d.max_length, d.cache_dir, **cut)
-    eval_set = data_lib.tokenize(splits.eval, tokenizer, d.max_length, d.cache_dir, **cut)
-    test_set = data_lib.tokenize(splits.test, tokenizer, d.max_length, d.cache_dir, **cut) if splits.test else None
+    with parts.part("tokenize"):
+        train_set = data_lib.tokenize(splits.train, tokenizer, d.max_length, d.cache_dir, **cut)
+        eval_set = data_lib.tokenize(splits.eval, tokenizer, d.max_length, d.cache_dir, **cut)
+        test_set = data_lib.tokenize(splits.test, tokenizer, d.max_length, d.cache_dir, **cut) if splits.test else None
     check_sizes(len(train_set), len(eval_set), train_cfg, dist)
     fingerprint = run_fingerprint(recipe, model, len(train_set), len(eval_set), dist)
     saved = checkpoint.read_state(resume_from) if resume_from else None
@@ -59,13 +68,16 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
         check_fingerprint(resume_from, saved["fingerprint"], fingerprint)
 
     # the base snapshot: fine-tuning overwrites the weights in place, so keep them first
+    base_sha = None
     if dist.is_main and not saved:
-        checkpoint.save_snapshot(model, tokenizer, out / "base")
+        with parts.part("save"):
+            base_sha = checkpoint.save_snapshot(model, tokenizer, out / "base")
     if train_cfg.activation_checkpointing:
         modeling.enable_activation_checkpointing(model)
     peft = recipe.peft.method
     if peft != "none":  # the adapters go on after base/ is saved: base/ stays the plain model
-        model = adapters.attach(model, recipe, out / "base", dist)
+        with parts.part("load"):
+            model = adapters.attach(model, recipe, out / "base", dist)
     counts = modeling.param_counts(model)
 
     model = dist.wrap(model, precision.dtype)
@@ -76,12 +88,22 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
         return evaluate(model, eval_set, splits.label_names, train_cfg.eval_batch_size, precision,
                         dist, pad_id, pad_left)
 
+    def run_tuned_eval() -> dict:
+        with parts.part("tuned_eval"):
+            return run_eval()
+
     def run_eval_of(folder: Path, dataset=eval_set) -> dict:  # a saved snapshot, scored on every rank
         snapshot = modeling.load_model(dataclasses.replace(recipe.model, name_or_path=str(folder), revision=None))
         return evaluate(snapshot.to(dist.device), dataset, splits.label_names, train_cfg.eval_batch_size,
                         precision, dist, pad_id, pad_left)
 
-    base_metrics = saved["base_metrics"] if saved else run_eval()
+    base_reused = bool(saved)
+    with parts.part("base_eval"):
+        if saved:
+            base_metrics = saved["base_metrics"]
+        else:
+            key = base_score_key(recipe, base_sha, eval_set, splits.label_names, dist) if base_sha else None
+            base_metrics, base_reused = cached_score(key, run_eval, dist, score_cache_dir(recipe))
     tracker_steps = loop.total_steps(len(train_set), train_cfg, dist.world)[1]
     tracker = Tracker(out, dist.is_main, tracker_steps)
     tracker.message(f"train {len(train_set)} examples from {splits.train.origin}; "
@@ -89,9 +111,10 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
                     + (f"test {len(test_set)} from {splits.test.origin}; " if test_set else "")
                     + f"{dist.world} process(es), "
                     f"{torch.get_num_threads()} thread(s) each, strategy {dist.strategy}, "
-                    f"precision {train_cfg.precision}, attention {attention}")
+                    f"{choice.describe()}, attention {attention}")
+    cached_note = " (reused: an earlier run scored this base on this eval set)" if base_reused and not saved else ""
     tracker.message(f"base{' (4-bit, as it trains)' if peft == 'qlora' else ''}: "
-                    f"accuracy {base_metrics['accuracy']:.4f}  f1 {base_metrics['f1']:.4f}")
+                    f"accuracy {base_metrics['accuracy']:.4f}  f1 {base_metrics['f1']:.4f}{cached_note}")
     if peft != "none":
         tracker.message(f"{peft}: {counts['trainable_params']:,} of {counts['total_params']:,} parameters "
                         f"train ({counts['trainable_share']:.2%})")
@@ -108,20 +131,22 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     stop = signals.StopRequest(dist)
 
     def keep_best(s: loop.LoopState) -> None:
-        weights = dist.full_state_dict(model)
-        if dist.is_main:
-            checkpoint.save_weights(best_file, weights)
+        with parts.part("save"):
+            weights = dist.full_state_dict(model)
+            if dist.is_main:
+                checkpoint.save_weights(best_file, weights)
 
     def save_checkpoint(s: loop.LoopState) -> None:
         if recipe.checkpoint.keep:
-            checkpoint.save_training_state(
-                out, s.step, model, optimizer, scheduler, precision, dist, keep=recipe.checkpoint.keep,
-                state={"loop": dataclasses.asdict(s), "fingerprint": fingerprint, "base_metrics": base_metrics})
+            with parts.part("save"):
+                checkpoint.save_training_state(
+                    out, s.step, model, optimizer, scheduler, precision, dist, keep=recipe.checkpoint.keep,
+                    state={"loop": dataclasses.asdict(s), "fingerprint": fingerprint, "base_metrics": base_metrics})
 
-    hooks = loop.Hooks(evaluate=run_eval, keep_best=keep_best, checkpoint=save_checkpoint,
+    hooks = loop.Hooks(evaluate=run_tuned_eval, keep_best=keep_best, checkpoint=save_checkpoint,
                        stop_requested=stop.requested)
     try:
-        with stop.installed():
+        with stop.installed(), parts.part("train"):  # its evals and saves count as their own parts
             state, throughput = loop.train(
                 model, optimizer, scheduler, train_set, train_cfg, precision, dist, seed=recipe.seed,
                 pad_id=pad_id, pad_left=pad_left, hooks=hooks, tracker=tracker,
@@ -143,12 +168,14 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     tuned_metrics = {k: v for k, v in chosen.items() if k not in ("step", "epoch")}
     exported = None
     if dist.is_main and peft != "none":
-        exported = adapters.export(dist.unwrap(model), weights, out, tokenizer, recipe)
+        with parts.part("save"):
+            exported = adapters.export(dist.unwrap(model), weights, out, tokenizer, recipe)
     if dist.is_main:
         if exported:
             tuned_sha = exported["tuned_sha256"]
         else:
-            tuned_sha = checkpoint.save_snapshot(dist.unwrap(model), tokenizer, out / "tuned", state_dict=weights)
+            with parts.part("save"):
+                tuned_sha = checkpoint.save_snapshot(dist.unwrap(model), tokenizer, out / "tuned", state_dict=weights)
 
     # What is reported is base/ and tuned/ as saved. The evals during training scored the model as it
     # trained, which is not what was saved when QLoRA trained a 4-bit copy, or when FSDP's mixed
@@ -160,7 +187,10 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     if test_set is not None or rescore:
         dist.barrier()  # tuned/ is on disk
         final_set = eval_set if test_set is None else test_set
-        base_metrics, tuned_metrics = run_eval_of(out / "base", final_set), run_eval_of(out / "tuned", final_set)
+        with parts.part("base_eval"):
+            base_metrics = run_eval_of(out / "base", final_set)
+        with parts.part("tuned_eval"):
+            tuned_metrics = run_eval_of(out / "tuned", final_set)
     if test_set is not None:
         tracker.message(f"test: base accuracy {base_metrics['accuracy']:.4f}, tuned {tuned_metrics['accuracy']:.4f} "
                         f"(n {tuned_metrics['n']}); selected on dev: tuned {as_trained['tuned']['accuracy']:.4f}")
@@ -168,11 +198,14 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     if dist.is_main:
         report = {
             "base": {**base_metrics, "sha256": checkpoint.file_sha256(out / "base" / checkpoint.WEIGHTS),
-                     "path": str(out / "base")},
+                     "path": str(out / "base"),
+                     # true: this base, eval set and settings were scored by an earlier run (or the
+                     # checkpoint resumed from), and that score is reused instead of scoring again
+                     "score_reused": base_reused},
             "tuned": {**tuned_metrics, "sha256": tuned_sha, "path": str(out / "tuned"),
                       "step": chosen["step"], "epoch": chosen["epoch"]},
             "train": {**throughput, "final_loss": state.final_loss, "world_size": dist.world,
-                      "strategy": dist.strategy, "precision": train_cfg.precision,
+                      "strategy": dist.strategy, **choice.as_dict(),
                       "threads_per_process": torch.get_num_threads(), "resumed_from": str(resume_from or ""),
                       **peak},
             "params": counts,
@@ -181,7 +214,8 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
                       for e in state.evals],
             "data": {"train": splits.train.origin, "eval": splits.eval.origin,
                      "train_n": len(train_set), "eval_n": len(eval_set), "labels": splits.label_names},
-            "wall_seconds": round(time.perf_counter() - started, 1),
+            "wall_seconds": round(parts.wall(), 1),
+            "time_parts": parts.summary(),  # seconds: load, tokenize, base_eval, train, tuned_eval, save, other
         }
         slim = {side: {k: m[k] for k in ("accuracy", "f1", "loss", "ece", "n")} for side, m in as_trained.items()}
         if test_set is not None:  # base/tuned above are the test figures; these are the selection set's
@@ -205,6 +239,23 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     dist.barrier()
     dist.close()
     return report
+
+
+def base_score_key(recipe: Recipe, base_sha: str, eval_set, label_names: list[str], dist) -> dict:
+    """Everything the base model's eval score depends on; {} (never cached) for QLoRA, whose base
+    is scored as the 4-bit copy it trains."""
+    if recipe.peft.method == "qlora":
+        return {}
+    t = recipe.train
+    return {"base_sha256": base_sha, "eval_set_sha256": eval_set_digest(eval_set), "labels": label_names,
+            "precision": t.precision, "eval_batch_size": t.eval_batch_size, "compile": t.compile,
+            "attn_implementation": recipe.model.attn_implementation, "device": dist.device.type,
+            "strategy": dist.strategy, "world_size": dist.world, "torch": torch.__version__}
+
+
+def score_cache_dir(recipe: Recipe) -> Path | None:
+    """Beside the token cache when a recipe names one (the harness keeps its caches per run folder)."""
+    return Path(recipe.data.cache_dir).expanduser() / "base_scores" if recipe.data.cache_dir else None
 
 
 def prepare_output_dir(out: Path, overwrite: bool, resume: str | None, dist) -> Path | None:

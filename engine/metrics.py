@@ -1,6 +1,7 @@
 """Classification metrics from logits, and throughput counters. Plain numpy: no sync, no framework."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -125,3 +126,34 @@ class Throughput:
             "padded_tokens_per_s": self.padded_tokens / t,
             "padding_share": 1 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0,
         }
+
+
+class TimeParts:
+    """Wall seconds of a run split into named parts (load, tokenize, base_eval, ...); the rest is
+    `other`. A part opened inside another counts for itself only: the outer part loses its span."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.parts: dict[str, float] = {}
+        self._open: list[list] = []  # [start, seconds of the parts nested in it]
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        frame = [time.perf_counter(), 0.0]
+        self._open.append(frame)
+        try:
+            yield
+        finally:
+            self._open.pop()
+            span = time.perf_counter() - frame[0]
+            self.parts[name] = self.parts.get(name, 0.0) + span - frame[1]
+            if self._open:
+                self._open[-1][1] += span
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.started
+
+    def summary(self) -> dict:
+        out = {k: round(v, 2) for k, v in self.parts.items()}
+        out["other"] = round(max(0.0, self.wall() - sum(self.parts.values())), 2)
+        return out

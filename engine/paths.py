@@ -42,6 +42,12 @@ def resolve(uri: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / rel)
 
 
+def user_cache_dir() -> Path:
+    """This user's cache for the engine (tokens, hardware probes, base scores); honours XDG_CACHE_HOME."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sentiment-engine"
+
+
 def is_local(uri: str) -> bool:
     """True when `uri` names something on disk (or in a package) rather than a hub id."""
     return uri.startswith(PACKAGE_SCHEME) or Path(uri).exists() or uri.startswith((".", "/", "~"))

@@ -27,7 +27,7 @@ def test_yaml_then_overrides(tmp_path):
     ("train.lrr=1", "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
     ("lr=1", "unknown key 'lr' (did you mean 'train.lr'?)"),
     ("train.batch_size=eight", "'train.batch_size' must be an integer, got 'eight'"),
-    ("train.precision=fp8", "'train.precision' must be one of fp32, bf16, fp16; got 'fp8'"),
+    ("train.precision=fp8", "'train.precision' must be one of auto, fp32, bf16, fp16; got 'fp8'"),
     ("train.keep_best=maybe", "'train.keep_best' must be true or false"),
     ("train.batch_size=0", "'train.batch_size' must be >= 1"),
     ("train.warmup_ratio=1.5", "'train.warmup_ratio' must be in [0, 1)"),
@@ -71,7 +71,9 @@ def test_dump_round_trips(tmp_path):
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
 def test_every_shipped_recipe_loads(recipe):
     from engine.compare import CompareRecipe  # compare_*.yaml are launch/compare.py's recipes
-    load_recipe(ROOT / "recipes" / recipe, schema=CompareRecipe if recipe.startswith("compare_") else Recipe)
+    loaded = load_recipe(ROOT / "recipes" / recipe, schema=CompareRecipe if recipe.startswith("compare_") else Recipe)
+    if isinstance(loaded, Recipe):  # a training recipe computes in what this machine does natively
+        assert loaded.train.precision == "auto"
 
 
 def test_cli_unknown_key_exits_2_with_one_line(tmp_path):

@@ -119,3 +119,47 @@ def test_cli_prints_table_and_bad_data_exits_2(tiny_bert, tiny_data, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: data.source does not exist"]
     assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
+def test_metrics_json_has_the_time_parts_and_the_chosen_precision(run):
+    _, report = run
+    parts = report["time_parts"]
+    assert set(parts) == {"load", "tokenize", "base_eval", "train", "tuned_eval", "save", "other"}
+    assert all(v >= 0 for v in parts.values()) and parts["train"] > 0 and parts["tuned_eval"] > 0
+    assert sum(parts.values()) == pytest.approx(report["wall_seconds"], abs=0.2)
+    assert report["train"]["precision"] == "fp32" and report["train"]["precision_requested"] == "fp32"
+
+
+def test_auto_precision_runs_what_the_probe_chose_and_says_so(tiny_bert, tiny_data, tmp_path, monkeypatch, capsys):
+    from engine import precision
+    monkeypatch.setattr(precision, "matmul_seconds", lambda name, threads: 1.0 if name == "fp32" else 5.0)
+    report = finetune(load_recipe(None, tiny_overrides(tiny_bert, tiny_data, tmp_path) + [
+        "train.precision=auto", "train.epochs=1"]))
+    assert capsys.readouterr().out.splitlines()[0].startswith("precision fp32 (auto: bf16 matmul only 0.20x")
+    t = report["train"]
+    assert (t["precision"], t["precision_requested"], t["precision_ratio"]) == ("fp32", "auto", 0.2)
+    assert load_recipe(tmp_path / "recipe.yaml").train.precision == "auto"  # as asked
+
+
+def test_runs_on_the_same_base_score_it_once(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    from engine import finetune as finetune_mod
+    calls = []
+    real = finetune_mod.evaluate
+    monkeypatch.setattr(finetune_mod, "evaluate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    def sweep_run(name, *extra):
+        calls.clear()
+        report = finetune(load_recipe(None, tiny_overrides(tiny_bert, tiny_data, tmp_path / name) + [
+            "train.epochs=1", *extra]))
+        return report, len(calls) - len(report["evals"])  # evaluations of the base model
+
+    first, base_evals = sweep_run("a", "train.lr=3e-3")
+    assert base_evals == 1 and first["base"]["score_reused"] is False
+    second, base_evals = sweep_run("b", "train.lr=1e-3")  # a sweep: another lr, the same base
+    assert base_evals == 0 and second["base"]["score_reused"] is True
+    assert {k: second["base"][k] for k in ("accuracy", "f1", "loss")} == \
+           {k: first["base"][k] for k in ("accuracy", "f1", "loss")}
+    # other eval examples, another truncation or another precision is another score
+    for name, change in (("c", "data.eval_size=20"), ("d", "data.max_length=16"), ("e", "train.precision=bf16")):
+        report, base_evals = sweep_run(name, change)
+        assert base_evals == 1 and report["base"]["score_reused"] is False, change

@@ -8,7 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of scripts at the root, not installed
 
-from benchmarks import measure  # noqa: E402
+from benchmarks import measure, report  # noqa: E402
 from benchmarks.matrix import MatrixError, load_matrix  # noqa: E402
 from conftest import run_cli  # noqa: E402
 
@@ -208,10 +208,28 @@ def test_bad_matrix_stops_with_one_line_and_exit_2(tmp_path, text, message):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", ["cpu_smoke", "cpu_full", "cpu_accuracy", "gpu"])
+@pytest.mark.parametrize("name", ["cpu_smoke", "cpu_full", "cpu_accuracy", "cpu_kinds", "gpu"])
 def test_shipped_matrices_load(name):
     m = load_matrix(MATRICES / f"{name}.yaml")
     assert m["scenarios"] and len({s["id"] for s in m["scenarios"]}) == len(m["scenarios"])
+
+
+def test_cpu_kinds_needs_no_edit_per_machine():
+    """Every row says precision auto, and each same-lever engine row has its Trainer twin."""
+    m = load_matrix(MATRICES / "cpu_kinds.yaml")
+    rows = {s["id"]: s for s in m["scenarios"]}
+    assert all(s["precision"] == "auto" for s in rows.values() if not s.get("is_baseline"))
+    for procs in ("1proc", "ddp2"):
+        engine, trainer = rows[f"same-levers-engine-{procs}"], rows[f"same-levers-trainer-{procs}"]
+        levers = ("precision", "group_by_length", "strategy", "nproc", "steps", "batch_size", "data", "repeats")
+        assert {k: engine[k] for k in levers} == {k: trainer[k] for k in levers} and engine["repeats"] == 3
+    demo = rows["demo-as-shipped"]
+    from engine.config import load_recipe
+    shipped = load_recipe(ROOT / "recipes" / "demo_minilm_imdb.yaml")
+    assert (demo["strategy"], demo["max_length"], demo["data"]["train_size"], demo["epochs"], demo["batch_size"]) == \
+           (shipped.distributed.strategy, shipped.data.max_length, shipped.data.train_size, shipped.train.epochs,
+            shipped.train.batch_size * demo["nproc"])  # the harness's batch_size is global
+    assert rows[demo["baseline_id"]]["precision"] == "fp32"  # the blog recipe, on the demo's examples
 
 
 def test_scenarios_that_cannot_run_say_why(tmp_path):
@@ -350,6 +368,24 @@ def test_mfu_above_the_probed_peak_is_withheld_with_a_reason():
     assert below["mfu"] == pytest.approx(0.25) and below["mfu_note"] is None
     above = run.summarize(s, [one], shape, {"fp16": {"flops": fpt * 256.0 / 3}}, None, 0.25)
     assert above["mfu"] is None and "probe" in above["mfu_note"] and above["achieved_flops"] > 0
+
+
+def test_an_auto_scenario_keeps_what_it_resolved_to_and_its_mfu_uses_that_peak():
+    from benchmarks import run
+    from benchmarks.matrix import validate
+    s = {**validate({"model": "m", "data": {"source": "d"}, "steps": 4, "precision": "auto"}, "t"), "id": "x"}
+    shape = measure.ModelShape(non_embedding_params=10_000_000, total_params=12_000_000, layers=6, hidden=384,
+                               model_type="bert")
+    one = {"status": "ok", "samples_per_s": 1.0, "real_tokens_per_s": 256.0, "padded_tokens_per_s": 260.0,
+           "padding_share": 0.01, "mean_real_len": 256.0, "step_times": [1.0, 1.1], "trainable_params": 1,
+           "total_params": 1, "tree_peak_rss_bytes": 1, "max_process_rss_bytes": 1, "load": None,
+           "precision": "bf16", "precision_ratio": 3.7}
+    fpt = measure.flops_per_token(10_000_000, 6, 384, 256.0)
+    rec = run.summarize(s, [one], shape, {"fp32": {"flops": fpt * 256.0 * 8}, "bf16": {"flops": fpt * 256.0 * 2}},
+                        None, 0.25)
+    assert (rec["scenario"]["precision"], rec["precision"], rec["precision_ratio"]) == ("auto", "bf16", 3.7)
+    assert rec["mfu"] == pytest.approx(0.5)  # against the bf16 peak, not fp32's
+    assert "(auto: bf16)" in report.table([{**rec, "ratio_to_baseline": None}])[2]
 
 
 def test_interrupted_matrix_writes_what_finished_and_leaves_no_run_behind(tmp_path):
