@@ -68,7 +68,6 @@ SETTINGS: dict[str, Any] = {
 TOP_KEYS = {"name", "description", "settings", "axes", "scenarios", "exclude", "baseline", "max_outside_load"}
 
 
-
 def engine_choices(schema: type = Recipe, prefix: str = "") -> dict[str, tuple]:
     """Every recipe key whose type is a Literal and its values: {"train.precision": ("auto", ...), ...}."""
     out = {}
@@ -86,13 +85,11 @@ HARNESS_NAMES = {"method": {"none": "full"}}  # "full fine-tuning" reads better 
 
 
 def harness_choices(schema: type = Recipe) -> dict[str, tuple]:
-    """The allowed values of each choice setting: the engine's own lists (a new engine choice needs no
-    edit here), in the harness's names, plus the harness-only runner."""
+    """Each choice setting's values: the engine's own lists (in the harness's names), and the runner."""
     engine = engine_choices(schema)
     out = {"runner": ("engine", "trainer")}
     for key, dotted in ENGINE_KEYS.items():
-        names = HARNESS_NAMES.get(key, {})
-        out[key] = tuple(names.get(v, v) for v in engine[dotted])
+        out[key] = tuple(HARNESS_NAMES.get(key, {}).get(v, v) for v in engine[dotted])
     return out
 
 
@@ -136,7 +133,8 @@ def load_matrix(path: str | Path, sets: list[str] = ()) -> dict:
         raise MatrixError(f"{where}: a matrix must be a mapping with 'settings' and 'axes'")
     unknown = set(raw) - TOP_KEYS
     if unknown:
-        raise MatrixError(f"{where}: unknown top-level key '{sorted(unknown)[0]}'; known: {', '.join(sorted(TOP_KEYS))}")
+        raise MatrixError(f"{where}: unknown top-level key '{sorted(unknown)[0]}'; "
+                          f"known: {', '.join(sorted(TOP_KEYS))}")
     settings = _mapping(raw.get("settings") or {}, "settings", where)
     axes = _mapping(raw.get("axes") or {}, "axes", where)
     extra = raw.get("scenarios") or []
@@ -160,7 +158,7 @@ def load_matrix(path: str | Path, sets: list[str] = ()) -> dict:
     combos = itertools.product(*(axes[a] for a in names)) if names else ([] if extra else [()])
     for combo in combos:
         row = copy.deepcopy(settings)
-        for axis, value in zip(names, combo):
+        for axis, value in zip(names, combo, strict=True):
             row = _merge(row, value if isinstance(value, dict) and axis not in SETTINGS else {axis: value})
         rows.append(row)
     rows += [_merge(copy.deepcopy(settings), s) for s in extra]
@@ -250,7 +248,8 @@ def validate(row: dict, where: str) -> dict:
         raise MatrixError(f"{where}: set exactly one of 'steps' and 'epochs' (got steps={s['steps']!r}, "
                           f"epochs={s['epochs']!r})")
     if s["steps"] is not None and (not _is_int(s["steps"]) or s["steps"] <= s["warmup_steps"]):
-        raise MatrixError(f"{where}: 'steps' must be an integer > warmup_steps ({s['warmup_steps']}); got {s['steps']!r}")
+        raise MatrixError(f"{where}: 'steps' must be an integer > warmup_steps ({s['warmup_steps']}); "
+                          f"got {s['steps']!r}")
     s["epochs"] = _number(s["epochs"], "epochs", where) if s["epochs"] is not None else None
     if s["epochs"] is not None and s["epochs"] <= 0:
         raise MatrixError(f"{where}: 'epochs' must be > 0")
@@ -304,7 +303,8 @@ def _check_data(data, where: str) -> None:
         raise MatrixError(f"{where}: 'data' must be a mapping with 'source' or 'synthetic'; got {data!r}")
     unknown = set(data) - DATA_KEYS
     if unknown:
-        raise MatrixError(f"{where}: unknown data key 'data.{sorted(unknown)[0]}'; known: {', '.join(sorted(DATA_KEYS))}")
+        raise MatrixError(f"{where}: unknown data key 'data.{sorted(unknown)[0]}'; "
+                          f"known: {', '.join(sorted(DATA_KEYS))}")
     if ("source" in data) == ("synthetic" in data):
         raise MatrixError(f"{where}: 'data' needs exactly one of 'source' and 'synthetic'")
     if "synthetic" in data:

@@ -335,7 +335,8 @@ def test_smoke_records_are_complete_and_sane(smoke):
     assert "torchrun" in recs["engine-ddp2-full-fp32"]["repeats"][0]["command"] or \
         "torch.distributed.run" in recs["engine-ddp2-full-fp32"]["repeats"][0]["command"]
     # the same global batch whatever the process count: the same number of examples trained
-    assert recs["engine-ddp2-full-fp32"]["scenario"]["batch_size"] == recs["engine-none1-full-fp32"]["scenario"]["batch_size"]
+    batch = {k: recs[k]["scenario"]["batch_size"] for k in ("engine-ddp2-full-fp32", "engine-none1-full-fp32")}
+    assert len(set(batch.values())) == 1
 
 
 def test_smoke_timeline_is_the_engines_logged_clock(smoke):
@@ -383,7 +384,8 @@ def test_compare_prints_per_scenario_ratios(smoke, tmp_path):
     p = run_cli("benchmarks/compare.py", out, tmp_path / "b", timeout=60)
     assert p.returncode == 0, p.stderr
     ids = {r["id"] for r in res["records"]}
-    rows = {line.split()[0]: line.split() for line in p.stdout.splitlines() if line.split()[:1] and line.split()[0] in ids}
+    rows = {line.split()[0]: line.split() for line in p.stdout.splitlines()
+            if line.split()[:1] and line.split()[0] in ids}
     assert set(rows) == ids and rows["engine-none1-full-fp32"][3] == "2.50"
     assert all(r[3] == "1.00" for i, r in rows.items() if i != "engine-none1-full-fp32" and r[1] != "-")
     assert f"only in A: {dropped}" in p.stdout
@@ -412,9 +414,9 @@ def test_report_redraws_a_results_folder(smoke, tmp_path):
     assert (copy / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     p = subprocess.run([sys.executable, "-m", "benchmarks.report", str(copy), "--summary"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    rows = [l for l in p.stdout.splitlines() if l.startswith("| `")]
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| `")]
     assert p.returncode == 0 and len(rows) == 3, p.stdout + p.stderr
-    assert any("(baseline)" in l and "| – |" in l for l in rows)  # no ratio, no base score for the Trainer
+    assert any("(baseline)" in line and "| – |" in line for line in rows)  # no ratio, no base score for the Trainer
 
 
 def test_mfu_above_the_probed_peak_is_withheld_with_a_reason():
