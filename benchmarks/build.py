@@ -12,6 +12,12 @@ import json
 import random
 from pathlib import Path
 
+from engine.errors import MissingPackageError
+from engine.paths import resolve
+
+# torch, transformers, tokenizers and pandas (seconds to import) load inside the builders: the
+# matrix checks import this module for its spec checks, and a bad matrix should fail at once
+
 # name -> (model_type, config, vocab_size): the published shapes; vocab fixed for the base shapes so
 # the embedding table (and its optimizer step) is the same whichever tokenizer is at hand
 SHAPES = {
@@ -76,9 +82,6 @@ def load_tokenizer(which: str):
     """'wordpiece' (built here), 'auto' (MiniLM's bert-base-uncased vocabulary when its package is
     installed, else 'wordpiece'), or a folder / package:// path holding a tokenizer."""
     from transformers import AutoTokenizer
-
-    from engine.errors import MissingPackageError
-    from engine.paths import resolve
 
     if which == "wordpiece":
         return wordpiece_tokenizer(), "wordpiece"

@@ -23,7 +23,8 @@ def load(folder: str) -> dict:
     try:
         res = json.loads(path.read_text())
     except OSError as e:
-        raise CompareError(f"{path}: cannot read ({e.__class__.__name__}); run benchmarks/run.py --out {folder}") from None
+        raise CompareError(f"{path}: cannot read ({e.__class__.__name__}); "
+                           f"run benchmarks/run.py --out {folder}") from None
     except json.JSONDecodeError as e:
         raise CompareError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(res, dict) or not isinstance(res.get("records"), list):
@@ -58,14 +59,14 @@ def compare(a: dict, b: dict) -> list[str]:
     for i in shared:
         x, y = ra[i], rb[i]
         status = "ok" if x["status"] == y["status"] == "ok" else f"A {x['status']}; B {y['status']}"
-        flags = "".join([" (A disturbed)" if x.get("disturbed") else "", " (B disturbed)" if y.get("disturbed") else ""])
+        flags = "".join(f" ({side} disturbed)" for side, r in (("A", x), ("B", y)) if r.get("disturbed"))
         rows.append((i, fmt(x["samples_per_s"], ".3g"), fmt(y["samples_per_s"], ".3g"),
                      fmt(ratio(x["samples_per_s"], y["samples_per_s"]), ".2f"),
                      fmt(x.get("ratio_to_baseline"), ".2f"), fmt(y.get("ratio_to_baseline"), ".2f"),
                      fmt(x["mfu"], ".1%"), fmt(y["mfu"], ".1%"), fmt(x["accuracy"], ".4f"), fmt(y["accuracy"], ".4f"),
                      status + flags))
     width = [max(len(str(r[c])) for r in rows) for c in range(len(head))]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, width)).rstrip() for r in rows]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, width, strict=True)).rstrip() for r in rows]
     only_a = [i for i in ra if i not in rb]
     only_b = [i for i in rb if i not in ra]
     if only_a:

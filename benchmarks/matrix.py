@@ -18,13 +18,17 @@ A bad matrix stops with one line naming the file and the key (MatrixError -> exi
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import itertools
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from benchmarks.build import BuildError, check_model_spec, check_synthetic_spec
+from engine.config import DataConfig, Recipe
 
 
 class MatrixError(ValueError):
@@ -38,10 +42,10 @@ SETTINGS: dict[str, Any] = {
     "model": None,  # folder, hub name, package://..., or {build: SHAPE, tokenizer, config, seed}
     "data": None,  # {source: ...} or {synthetic: {train, test, words, seed}}, plus data.* recipe keys
     "max_length": 256,
-    "strategy": "none",  # none | ddp | fsdp
+    "strategy": "none",  # the engine's distributed.strategy choices (CHOICES below)
     "nproc": 1,  # processes (torchrun when strategy is not none, or nproc > 1)
-    "method": "full",  # full | lora | qlora
-    "precision": "fp32",  # fp32 | bf16 | fp16 | auto (as train.precision=auto: each record keeps what it ran)
+    "method": "full",  # the engine's peft.method choices, with full for its none
+    "precision": "fp32",  # train.precision's choices (auto: each record keeps what it resolved to)
     "batch_size": 16,  # GLOBAL examples per micro-step (all processes): split evenly over nproc
     "grad_accum": 1,
     "eval_batch_size": 64,  # per process
@@ -62,11 +66,43 @@ SETTINGS: dict[str, Any] = {
     "trainer_args": {},  # extra TrainingArguments for the trainer runner
 }
 TOP_KEYS = {"name", "description", "settings", "axes", "scenarios", "exclude", "baseline", "max_outside_load"}
-DATA_KEYS = {"source", "synthetic", "train_split", "eval_split", "text_column", "label_column", "label_names",
-             "where", "rename_columns", "encoding", "train_size", "eval_size", "holdout_size", "test_split",
-             "test_size", "truncation", "head_tokens"}
-CHOICES = {"runner": ("engine", "trainer"), "strategy": ("none", "ddp", "fsdp"),
-           "method": ("full", "lora", "qlora"), "precision": ("fp32", "bf16", "fp16", "auto")}
+
+
+def engine_choices(schema: type = Recipe, prefix: str = "") -> dict[str, tuple]:
+    """Every recipe key whose type is a Literal and its values: {"train.precision": ("auto", ...), ...}."""
+    out = {}
+    for name, tp in typing.get_type_hints(schema).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(engine_choices(tp, f"{prefix}{name}."))
+        elif typing.get_origin(tp) is typing.Literal:
+            out[prefix + name] = typing.get_args(tp)
+    return out
+
+
+# harness settings that are the engine's recipe keys, and the harness's name where the engine's differs
+ENGINE_KEYS = {"strategy": "distributed.strategy", "method": "peft.method", "precision": "train.precision"}
+HARNESS_NAMES = {"method": {"none": "full"}}  # "full fine-tuning" reads better in a scenario id
+
+
+def harness_choices(schema: type = Recipe) -> dict[str, tuple]:
+    """Each choice setting's values: the engine's own lists (in the harness's names), and the runner."""
+    engine = engine_choices(schema)
+    out = {"runner": ("engine", "trainer")}
+    for key, dotted in ENGINE_KEYS.items():
+        out[key] = tuple(HARNESS_NAMES.get(key, {}).get(v, v) for v in engine[dotted])
+    return out
+
+
+def engine_value(key: str, value):
+    """A harness setting's value as the engine's recipe key takes it (method full -> peft.method none)."""
+    back = {harness: engine for engine, harness in HARNESS_NAMES.get(key, {}).items()}
+    return back.get(value, value)
+
+
+ENGINE_CHOICES = engine_choices()
+CHOICES = harness_choices()
+# data.* keys go to the engine as they are; max_length is a setting of its own, cache_dir the harness's
+DATA_KEYS = {f.name for f in dataclasses.fields(DataConfig)} - {"max_length", "cache_dir"} | {"synthetic"}
 POSITIVE_INTS = ("max_length", "nproc", "batch_size", "grad_accum", "eval_batch_size", "repeats",
                  "log_every", "timeout_s")
 # what makes two scenarios train the same examples for the same steps: each distinct workload gets
@@ -97,7 +133,8 @@ def load_matrix(path: str | Path, sets: list[str] = ()) -> dict:
         raise MatrixError(f"{where}: a matrix must be a mapping with 'settings' and 'axes'")
     unknown = set(raw) - TOP_KEYS
     if unknown:
-        raise MatrixError(f"{where}: unknown top-level key '{sorted(unknown)[0]}'; known: {', '.join(sorted(TOP_KEYS))}")
+        raise MatrixError(f"{where}: unknown top-level key '{sorted(unknown)[0]}'; "
+                          f"known: {', '.join(sorted(TOP_KEYS))}")
     settings = _mapping(raw.get("settings") or {}, "settings", where)
     axes = _mapping(raw.get("axes") or {}, "axes", where)
     extra = raw.get("scenarios") or []
@@ -121,7 +158,7 @@ def load_matrix(path: str | Path, sets: list[str] = ()) -> dict:
     combos = itertools.product(*(axes[a] for a in names)) if names else ([] if extra else [()])
     for combo in combos:
         row = copy.deepcopy(settings)
-        for axis, value in zip(names, combo):
+        for axis, value in zip(names, combo, strict=True):
             row = _merge(row, value if isinstance(value, dict) and axis not in SETTINGS else {axis: value})
         rows.append(row)
     rows += [_merge(copy.deepcopy(settings), s) for s in extra]
@@ -195,7 +232,6 @@ def validate(row: dict, where: str) -> dict:
     unknown = set(row) - set(SETTINGS)
     if unknown:
         key = sorted(unknown)[0]
-        import difflib
         near = difflib.get_close_matches(key, SETTINGS, n=1)
         raise MatrixError(f"{where}: unknown setting '{key}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
     s = {**copy.deepcopy(SETTINGS), **row}
@@ -212,7 +248,8 @@ def validate(row: dict, where: str) -> dict:
         raise MatrixError(f"{where}: set exactly one of 'steps' and 'epochs' (got steps={s['steps']!r}, "
                           f"epochs={s['epochs']!r})")
     if s["steps"] is not None and (not _is_int(s["steps"]) or s["steps"] <= s["warmup_steps"]):
-        raise MatrixError(f"{where}: 'steps' must be an integer > warmup_steps ({s['warmup_steps']}); got {s['steps']!r}")
+        raise MatrixError(f"{where}: 'steps' must be an integer > warmup_steps ({s['warmup_steps']}); "
+                          f"got {s['steps']!r}")
     s["epochs"] = _number(s["epochs"], "epochs", where) if s["epochs"] is not None else None
     if s["epochs"] is not None and s["epochs"] <= 0:
         raise MatrixError(f"{where}: 'epochs' must be > 0")
@@ -237,7 +274,16 @@ def validate(row: dict, where: str) -> dict:
             raise MatrixError(f"{where}: '{key}' must be a mapping")
     _check_model(s["model"], where)
     _check_data(s["data"], where)
+    _check_engine_choices({**{f"data.{k}": v for k, v in s["data"].items()}, **s["recipe"]}, where)
     return s
+
+
+def _check_engine_choices(keys: dict, where: str) -> None:
+    """Engine keys passed through (data.*, recipe) whose value is not one of the engine's choices."""
+    for key, value in keys.items():
+        choices = ENGINE_CHOICES.get(key)
+        if choices is not None and value not in choices:
+            raise MatrixError(f"{where}: '{key}' must be one of {', '.join(choices)}; got {value!r}")
 
 
 def _check_model(model, where: str) -> None:
@@ -257,7 +303,8 @@ def _check_data(data, where: str) -> None:
         raise MatrixError(f"{where}: 'data' must be a mapping with 'source' or 'synthetic'; got {data!r}")
     unknown = set(data) - DATA_KEYS
     if unknown:
-        raise MatrixError(f"{where}: unknown data key 'data.{sorted(unknown)[0]}'; known: {', '.join(sorted(DATA_KEYS))}")
+        raise MatrixError(f"{where}: unknown data key 'data.{sorted(unknown)[0]}'; "
+                          f"known: {', '.join(sorted(DATA_KEYS))}")
     if ("source" in data) == ("synthetic" in data):
         raise MatrixError(f"{where}: 'data' needs exactly one of 'source' and 'synthetic'")
     if "synthetic" in data:

@@ -12,7 +12,6 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 MFU_FORMULA = (
     "FLOPs per token = 6 x N + 12 x L x H x S (forward + backward), where N = non-embedding "
@@ -62,6 +61,7 @@ class ModelShape:
 
 def model_shape(folder: str) -> ModelShape:
     """Parameter counts and dimensions of a model folder, without loading its weights."""
+    # torch and transformers take seconds to import: loaded here, not for every /proc reading
     import torch
     from torch import nn
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -77,7 +77,7 @@ def model_shape(folder: str) -> ModelShape:
                       config.model_type)
 
 
-def datasheet_peak(gpu_name: Optional[str]) -> Optional[dict]:
+def datasheet_peak(gpu_name: str | None) -> dict | None:
     if not gpu_name:
         return None
     for key, peaks in DATASHEET_PEAKS:
@@ -97,7 +97,7 @@ class CpuTimes:
     cpus: int
 
 
-def parse_proc_stat(text: str, cpus: Optional[set[int]] = None) -> CpuTimes:
+def parse_proc_stat(text: str, cpus: set[int] | None = None) -> CpuTimes:
     """Sum the per-CPU lines of /proc/stat, for the CPUs in `cpus` (all when None)."""
     busy = total = n = 0
     for line in text.splitlines():
@@ -123,7 +123,7 @@ def usable_cpus() -> set[int]:
         return set(range(os.cpu_count() or 1))
 
 
-def read_cpu_times(cpus: Optional[set[int]] = None) -> Optional[CpuTimes]:
+def read_cpu_times(cpus: set[int] | None = None) -> CpuTimes | None:
     try:
         return parse_proc_stat(Path("/proc/stat").read_text(), cpus if cpus is not None else usable_cpus())
     except (OSError, ValueError):
@@ -138,7 +138,7 @@ def clock_ticks() -> int:
 
 
 def outside_load(before: CpuTimes, after: CpuTimes, own_cpu_s: float, wall_s: float,
-                 ticks: Optional[int] = None) -> dict:
+                 ticks: int | None = None) -> dict:
     """Cores' worth of CPU that processes outside ours used, on average over `wall_s`.
 
     The machine's busy time over the interval minus our own process tree's CPU time; what is left
@@ -219,7 +219,7 @@ def cpu_fingerprint() -> dict:
     return info
 
 
-def gpu_driver() -> Optional[str]:
+def gpu_driver() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20)

@@ -1,6 +1,7 @@
 """results.json -> results.md (a table) and PNG plots: throughput, accuracy against time, scaling with nproc."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -73,7 +74,8 @@ def markdown(res: dict) -> str:
                   "Their figures are not comparable; rerun on a quiet machine before relying on them.", ""]
     gpus = ", ".join(g["name"] for g in hw["gpus"]) or "none"
     lines += ["## Hardware", "",
-              f"- CPU: {cpu.get('model')}, {cpu.get('usable_cores')} usable of {cpu.get('logical_cores')} logical cores; "
+              f"- CPU: {cpu.get('model')}, {cpu.get('usable_cores')} usable of "
+              f"{cpu.get('logical_cores')} logical cores; "
               f"ISA: {', '.join(cpu.get('flags') or []) or '?'}; torch capability {hw.get('cpu_capability')}",
               f"- GPU: {gpus}" + (f" (driver {hw['gpu_driver']})" if hw.get("gpu_driver") else ""),
               f"- torch {hw.get('torch')}, CUDA {hw.get('cuda')}, transformers {hw.get('transformers')}, "
@@ -121,10 +123,10 @@ def plot_throughput(records: list[dict], path: Path) -> None:
     if ok:
         y = list(range(len(ok)))[::-1]
         vals = [r["samples_per_s"] for r in ok]
-        lo = [v - r.get("samples_per_s_range", [v, v])[0] for v, r in zip(vals, ok)]
-        hi = [r.get("samples_per_s_range", [v, v])[1] - v for v, r in zip(vals, ok)]
+        lo = [v - r.get("samples_per_s_range", [v, v])[0] for v, r in zip(vals, ok, strict=True)]
+        hi = [r.get("samples_per_s_range", [v, v])[1] - v for v, r in zip(vals, ok, strict=True)]
         bars = ax.barh(y, vals, xerr=[lo, hi], color=[_color(r) for r in ok], capsize=3)
-        for bar, r in zip(bars, ok):
+        for bar, r in zip(bars, ok, strict=True):
             if r["disturbed"]:
                 bar.set_hatch("//")
             label = f" x{r['ratio_to_baseline']:.2f}" if r["ratio_to_baseline"] else ""
@@ -224,7 +226,6 @@ def summary(records: list[dict]) -> list[str]:
 
 
 if __name__ == "__main__":
-    import argparse
     parser = argparse.ArgumentParser(description="Redraw results.md and the plots of a results folder.")
     parser.add_argument("folder")
     parser.add_argument("--summary", action="store_true", help="print a short markdown table instead")

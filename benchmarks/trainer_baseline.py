@@ -20,15 +20,35 @@ Writes DIR/bench.json: the step timeline, evaluations, parameter counts and peak
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# a script run by path: the repository root first, so `engine` imports from it
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from engine import modeling
+from engine.config import load_recipe
+from engine.data import load_splits
+from engine.metrics import classification_metrics
+from engine.paths import resolve
+from engine.precision import choose
 
 
 class Counting:
@@ -47,40 +67,45 @@ class Counting:
         return batch
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    s = json.loads(Path(args.settings).read_text())
-    out = Path(args.out)
+def load_examples(s: dict):
+    """The engine's selection of the same examples (same data.* overrides, seed and subsets), its
+    classes named as the engine names them: the recipe, the source, else the model's config."""
+    recipe = load_recipe(None, s["data_overrides"])
+    model_cfg = dataclasses.replace(recipe.model, name_or_path=s["model"])
+    return load_splits(recipe.data, recipe.seed, lambda: modeling.config_label_names(model_cfg))
 
-    import numpy as np
-    import torch
-    from datasets import Dataset
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              Trainer, TrainerCallback, TrainingArguments)
 
-    from engine.config import load_recipe
-    from engine.data import load_splits
-    from engine.metrics import classification_metrics
-    from engine.paths import resolve
-    from engine.precision import choose
+def training_arguments(s: dict, out: Path) -> dict:
+    """The blog's TrainingArguments, with the Trainer's own levers as a user of it would turn them on."""
+    per_device = s["batch_size"] // s["nproc"]
+    kwargs = dict(output_dir=str(out / "trainer"), learning_rate=s["lr"], per_device_train_batch_size=per_device,
+                  per_device_eval_batch_size=per_device, weight_decay=0.01, save_strategy="no",
+                  gradient_accumulation_steps=s["grad_accum"], seed=s["seed"])
+    if s["steps"]:
+        kwargs["max_steps"] = s["steps"]
+    else:
+        kwargs["num_train_epochs"] = s["epochs"]
+    if not torch.cuda.is_available():
+        kwargs["use_cpu"] = True  # else bf16=True stops with "Your setup doesn't support bf16/gpu"
+    if s["precision"] == "bf16":
+        kwargs["bf16"] = True
+    elif s["precision"] == "fp16":
+        kwargs["fp16"] = True
+    if s["group_by_length"]:
+        kwargs["train_sampling_strategy"] = "group_by_length"  # transformers 5: was group_by_length=True
+    if s["compile"]:
+        kwargs["torch_compile"] = True
+    if s["eval_every"] and s["epochs"]:
+        kwargs.update(eval_strategy="steps", eval_steps=s["eval_every"])
+    kwargs.update(s.get("trainer_args") or {})
+    return kwargs
 
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    # precision auto: what the engine would pick on this machine (each rank reads the probe cache;
-    # no process group exists yet to hand rank 0's answer over)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
-        else torch.device("cpu")
-    chosen = choose(s["precision"], device, say=print if rank == 0 else (lambda text: None))
-    s["precision"] = chosen.name
-    recipe = load_recipe(None, s["data_overrides"])  # the engine's selection of the same examples
-    splits = load_splits(recipe.data, recipe.seed)
+
+def blog_trainer(s: dict, splits, kwargs: dict, clock: StepClock) -> tuple[Trainer, Counting]:
+    """The blog's recipe: tokenizer, tokenized datasets, padding collator, model, metrics, Trainer;
+    evaluation taken off the clock and out of the token tally."""
     label_names = splits.label_names
     model_path = resolve(s["model"])
-
-    # --- the blog's recipe ---------------------------------------------------------------
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train = Dataset.from_dict({"text": splits.train.texts, "label": splits.train.labels.tolist()})
     test = Dataset.from_dict({"text": splits.eval.texts, "label": splits.eval.labels.tolist()})
@@ -98,34 +123,9 @@ def main() -> int:
         m = classification_metrics(np.asarray(logits), np.asarray(labels), label_names)
         return {"accuracy": m["accuracy"], "f1": m["f1"]}
 
-    per_device = s["batch_size"] // s["nproc"]
-    kwargs = dict(output_dir=str(out / "trainer"), learning_rate=s["lr"], per_device_train_batch_size=per_device,
-                  per_device_eval_batch_size=per_device, weight_decay=0.01, save_strategy="no",
-                  gradient_accumulation_steps=s["grad_accum"], seed=s["seed"])
-    if s["steps"]:
-        kwargs["max_steps"] = s["steps"]
-    else:
-        kwargs["num_train_epochs"] = s["epochs"]
-    # the Trainer's own levers, as a user of it would turn them on
-    if not torch.cuda.is_available():
-        kwargs["use_cpu"] = True  # else bf16=True stops with "Your setup doesn't support bf16/gpu"
-    if s["precision"] == "bf16":
-        kwargs["bf16"] = True
-    elif s["precision"] == "fp16":
-        kwargs["fp16"] = True
-    if s["group_by_length"]:
-        kwargs["train_sampling_strategy"] = "group_by_length"  # transformers 5: was group_by_length=True
-    if s["compile"]:
-        kwargs["torch_compile"] = True
-    if s["eval_every"] and s["epochs"]:
-        kwargs.update(eval_strategy="steps", eval_steps=s["eval_every"])
-    kwargs.update(s.get("trainer_args") or {})
-    training_args = TrainingArguments(**kwargs)
-
-    clock = StepClock()
-    trainer = Trainer(model=model, args=training_args, train_dataset=tokenized_train, eval_dataset=tokenized_test,
-                      processing_class=tokenizer, data_collator=data_collator, compute_metrics=compute_metrics,
-                      callbacks=[clock.callback(TrainerCallback)])
+    trainer = Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=tokenized_train,
+                      eval_dataset=tokenized_test, processing_class=tokenizer, data_collator=data_collator,
+                      compute_metrics=compute_metrics, callbacks=[clock.callback(TrainerCallback)])
     evaluate = trainer.evaluate
 
     def timed_evaluate(*a, **kw):  # evaluation is not training: its time leaves the clock
@@ -138,26 +138,61 @@ def main() -> int:
             data_collator.training = True
 
     trainer.evaluate = timed_evaluate
+    return trainer, data_collator
+
+
+def all_ranks(batches: list, world: int) -> tuple[np.ndarray, np.ndarray]:
+    """(this rank's tally of samples, real and padded tokens, the sum over ranks)."""
+    mine = np.array([sum(b[i] for b in batches) for i in range(3)], dtype=np.float64)
+    total = mine.copy()
+    if world > 1 and torch.distributed.is_initialized():
+        t = torch.tensor(mine)
+        torch.distributed.all_reduce(t)
+        total = t.numpy()
+    return mine, total
+
+
+def cuda_peak_bytes(world: int) -> int | None:
+    """Peak CUDA memory of the largest rank, or None on CPU."""
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    if world > 1 and torch.distributed.is_initialized() and peak is not None:
+        p = torch.tensor([float(peak)], device="cuda")
+        torch.distributed.all_reduce(p, op=torch.distributed.ReduceOp.MAX)
+        peak = int(p.item())
+    return peak
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    s = json.loads(Path(args.settings).read_text())
+    out = Path(args.out)
+
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # precision auto: what the engine would pick on this machine (each rank reads the probe cache;
+    # no process group exists yet to hand rank 0's answer over)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    chosen = choose(s["precision"], device, say=print if rank == 0 else (lambda text: None))
+    s["precision"] = chosen.name
+    splits = load_examples(s)
+    kwargs = training_arguments(s, out)
+    clock = StepClock()
+    trainer, data_collator = blog_trainer(s, splits, kwargs, clock)
     trainer.train()
-    # ------------------------------------------------------------------------------------
 
     final = None
     if s["epochs"]:  # trained to the end: the blog's trainer.evaluate()
         final = trainer.evaluate()
     timeline = clock.timeline(data_collator.batches, s["grad_accum"], world)
     # each rank counted its own batches: scale rank 0's tally to the sum over ranks
-    mine = np.array([sum(b[i] for b in data_collator.batches) for i in range(3)], dtype=np.float64)
-    total = mine.copy()
-    if world > 1 and torch.distributed.is_initialized():
-        t = torch.tensor(mine)
-        torch.distributed.all_reduce(t)
-        total = t.numpy()
-    cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-    if world > 1 and torch.distributed.is_initialized() and cuda_peak is not None:
-        p = torch.tensor([float(cuda_peak)], device="cuda")
-        torch.distributed.all_reduce(p, op=torch.distributed.ReduceOp.MAX)
-        cuda_peak = int(p.item())
+    mine, total = all_ranks(data_collator.batches, world)
+    cuda_peak = cuda_peak_bytes(world)
     if rank == 0:
+        model = trainer.model
         report = {
             "timeline": timeline, "world": world,
             "token_factor": [float(total[i] / (mine[i] * world)) if mine[i] else 1.0 for i in (1, 2)],
@@ -166,7 +201,7 @@ def main() -> int:
             "params": {"total_params": sum(p.numel() for p in model.parameters()),
                        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)},
             "cuda_peak_bytes": cuda_peak, "threads": torch.get_num_threads(),
-            "train_n": len(tokenized_train), "eval_n": len(tokenized_test), **chosen.as_dict(),
+            "train_n": len(trainer.train_dataset), "eval_n": len(trainer.eval_dataset), **chosen.as_dict(),
             "training_args": {k: v for k, v in kwargs.items() if k != "output_dir"},
         }
         tmp = out / "bench.json.tmp"

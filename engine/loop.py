@@ -137,6 +137,7 @@ class Bookkeeping:
             "train/grad_norm": float(norm), "train/samples_per_s": rate["samples_per_s"] * world,
             "train/tokens_per_s": rate["real_tokens_per_s"] * world,
             "train/padding_share": rate["padding_share"],
+            "train/seconds": self.clock.elapsed(),  # the training clock: evals and checkpoints excluded
         })
         self.tracker.progress(state.step - self.logged_at, loss=state.final_loss,
                               samples_s=rate["samples_per_s"] * world)

@@ -132,16 +132,17 @@ def test_tree_rss_sums_children(tmp_path):
 # Timing read back from the engine's log
 
 
-def test_engine_timeline_recovers_the_clock_from_cumulative_rates(tmp_path):
-    from benchmarks.run import engine_timeline, timed
+def test_engine_timeline_reads_the_engines_training_clock(tmp_path):
+    from benchmarks.readers import engine_timeline, timed
 
-    # a run of batch 8: steps take 1, 1, 2, 2 s; 60 real of 80 padded tokens per step
+    # a run of batch 8: steps take 1, 1, 2, 2 s; 60 real of 80 padded tokens per step. The rates
+    # logged are windowed (not cumulative): the clock must come from train/seconds, not from them
     clock = [1.0, 2.0, 4.0, 6.0]
     lines = []
     for step, t in enumerate(clock, 1):
-        lines.append(json.dumps({"step": step, "train/samples_per_s": 8 * step / t,
+        lines.append(json.dumps({"step": step, "train/samples_per_s": 999.0, "train/seconds": t,
                                  "train/tokens_per_s": 60 * step / t, "train/padding_share": 0.25}))
-    lines.insert(2, json.dumps({"step": 2, "eval/accuracy": 0.7}))  # eval lines carry no rate
+    lines.insert(2, json.dumps({"step": 2, "eval/accuracy": 0.7}))  # eval lines carry no clock
     (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
     scenario = {"batch_size": 8, "grad_accum": 1, "nproc": 1}
     line = engine_timeline(tmp_path, scenario, {})
@@ -154,6 +155,9 @@ def test_engine_timeline_recovers_the_clock_from_cumulative_rates(tmp_path):
     assert out["mean_real_len"] == pytest.approx(60 / 8)
     with pytest.raises(ValueError, match="no timed steps"):
         timed(line, warmup=4)
+    (tmp_path / "log.jsonl").write_text(json.dumps({"step": 1, "train/samples_per_s": 8.0}) + "\n")
+    with pytest.raises(ValueError, match="no train/seconds"):  # never a clock rebuilt from rates
+        engine_timeline(tmp_path, scenario, {})
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,8 +236,52 @@ def test_cpu_kinds_needs_no_edit_per_machine():
     assert rows[demo["baseline_id"]]["precision"] == "fp32"  # the blog recipe, on the demo's examples
 
 
+def test_matrix_choices_are_the_engines():
+    """The harness's choice settings agree with engine.config's Literal types (full = peft none)."""
+    import typing
+
+    from benchmarks.matrix import CHOICES
+    from engine.config import DistributedConfig, PeftConfig, TrainConfig
+
+    def engine(cls, key):
+        return typing.get_args(typing.get_type_hints(cls)[key])
+
+    assert set(CHOICES["strategy"]) == set(engine(DistributedConfig, "strategy"))
+    assert set(CHOICES["precision"]) == set(engine(TrainConfig, "precision"))
+    assert set(CHOICES["method"]) == {"full" if m == "none" else m for m in engine(PeftConfig, "method")}
+
+
+def test_a_new_engine_choice_reaches_the_harness_without_an_edit():
+    """A strategy the engine grows (a subclassed schema stands in for it) is one the matrix accepts."""
+    import dataclasses
+    from typing import Literal
+
+    from benchmarks.matrix import harness_choices
+    from engine.config import DistributedConfig, Recipe
+
+    @dataclasses.dataclass
+    class Grown(DistributedConfig):
+        strategy: Literal["none", "ddp", "fsdp", "tp"] = "none"
+
+    @dataclasses.dataclass
+    class GrownRecipe(Recipe):
+        distributed: Grown = dataclasses.field(default_factory=Grown)
+
+    assert "tp" in harness_choices(GrownRecipe)["strategy"]
+    assert "tp" not in harness_choices(Recipe)["strategy"]
+
+
+@pytest.mark.parametrize("settings, key", [
+    ("{model: m, data: {source: d, truncation: middle}, steps: 5}", "data.truncation"),
+    ("{model: m, data: {source: d}, steps: 5, recipe: {train.schedule: cyclic}}", "train.schedule"),
+])
+def test_engine_choices_passed_through_are_checked(tmp_path, settings, key):
+    with pytest.raises(MatrixError, match=f"'{key}' must be one of"):
+        load_matrix(write_matrix(tmp_path, f"settings: {settings}"))
+
+
 def test_scenarios_that_cannot_run_say_why(tmp_path):
-    from benchmarks.run import Preparer
+    from benchmarks.prepare import Preparer
 
     m = load_matrix(write_matrix(tmp_path, GOOD), ["nproc=2", "strategy=none"])
     prep = Preparer(tmp_path, gpus=0)
@@ -287,7 +335,25 @@ def test_smoke_records_are_complete_and_sane(smoke):
     assert "torchrun" in recs["engine-ddp2-full-fp32"]["repeats"][0]["command"] or \
         "torch.distributed.run" in recs["engine-ddp2-full-fp32"]["repeats"][0]["command"]
     # the same global batch whatever the process count: the same number of examples trained
-    assert recs["engine-ddp2-full-fp32"]["scenario"]["batch_size"] == recs["engine-none1-full-fp32"]["scenario"]["batch_size"]
+    batch = {k: recs[k]["scenario"]["batch_size"] for k in ("engine-ddp2-full-fp32", "engine-none1-full-fp32")}
+    assert len(set(batch.values())) == 1
+
+
+def test_smoke_timeline_is_the_engines_logged_clock(smoke):
+    """The harness's timeline reads the engine's train/seconds, and that clock ends at metrics.json's."""
+    from benchmarks.readers import engine_timeline
+
+    _, res = smoke
+    engine = [r for r in res["records"] if r["scenario"]["runner"] == "engine"]
+    assert engine
+    for rec in engine:
+        run_dir = Path(rec["repeats"][0]["run_dir"])
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        logged = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+        clock = [x["train/seconds"] for x in logged if "train/loss" in x]
+        line = engine_timeline(run_dir, rec["scenario"], metrics)
+        assert [r[1] for r in line] == [0.0] + clock
+        assert clock == sorted(clock) and clock[-1] == pytest.approx(metrics["train"]["train_seconds"], abs=0.05)
 
 
 def test_smoke_hardware_peaks_and_reports(smoke):
@@ -318,7 +384,8 @@ def test_compare_prints_per_scenario_ratios(smoke, tmp_path):
     p = run_cli("benchmarks/compare.py", out, tmp_path / "b", timeout=60)
     assert p.returncode == 0, p.stderr
     ids = {r["id"] for r in res["records"]}
-    rows = {line.split()[0]: line.split() for line in p.stdout.splitlines() if line.split()[:1] and line.split()[0] in ids}
+    rows = {line.split()[0]: line.split() for line in p.stdout.splitlines()
+            if line.split()[:1] and line.split()[0] in ids}
     assert set(rows) == ids and rows["engine-none1-full-fp32"][3] == "2.50"
     assert all(r[3] == "1.00" for i, r in rows.items() if i != "engine-none1-full-fp32" and r[1] != "-")
     assert f"only in A: {dropped}" in p.stdout
@@ -347,15 +414,15 @@ def test_report_redraws_a_results_folder(smoke, tmp_path):
     assert (copy / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     p = subprocess.run([sys.executable, "-m", "benchmarks.report", str(copy), "--summary"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    rows = [l for l in p.stdout.splitlines() if l.startswith("| `")]
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| `")]
     assert p.returncode == 0 and len(rows) == 3, p.stdout + p.stderr
-    assert any("(baseline)" in l and "| – |" in l for l in rows)  # no ratio, no base score for the Trainer
+    assert any("(baseline)" in line and "| – |" in line for line in rows)  # no ratio, no base score for the Trainer
 
 
 def test_mfu_above_the_probed_peak_is_withheld_with_a_reason():
     """fp16 on a CPU: the probe's emulated fp16 matmul can be slower than what autocast trains with;
     an MFU over 100% would be nonsense, so the record says why it has none."""
-    from benchmarks import run
+    from benchmarks import records
     from benchmarks.matrix import validate
     s = {**validate({"model": "m", "data": {"source": "d"}, "steps": 4, "precision": "fp16"}, "t"), "id": "x"}
     shape = measure.ModelShape(non_embedding_params=10_000_000, total_params=12_000_000, layers=6, hidden=384,
@@ -364,14 +431,14 @@ def test_mfu_above_the_probed_peak_is_withheld_with_a_reason():
            "padding_share": 0.01, "mean_real_len": 256.0, "step_times": [1.0, 1.1], "trainable_params": 1,
            "total_params": 1, "tree_peak_rss_bytes": 1, "max_process_rss_bytes": 1, "load": None}
     fpt = measure.flops_per_token(10_000_000, 6, 384, 256.0)
-    below = run.summarize(s, [one], shape, {"fp16": {"flops": fpt * 256.0 * 4}}, None, 0.25)
+    below = records.summarize(s, [one], shape, {"fp16": {"flops": fpt * 256.0 * 4}}, None, 0.25)
     assert below["mfu"] == pytest.approx(0.25) and below["mfu_note"] is None
-    above = run.summarize(s, [one], shape, {"fp16": {"flops": fpt * 256.0 / 3}}, None, 0.25)
+    above = records.summarize(s, [one], shape, {"fp16": {"flops": fpt * 256.0 / 3}}, None, 0.25)
     assert above["mfu"] is None and "probe" in above["mfu_note"] and above["achieved_flops"] > 0
 
 
 def test_an_auto_scenario_keeps_what_it_resolved_to_and_its_mfu_uses_that_peak():
-    from benchmarks import run
+    from benchmarks import records
     from benchmarks.matrix import validate
     s = {**validate({"model": "m", "data": {"source": "d"}, "steps": 4, "precision": "auto"}, "t"), "id": "x"}
     shape = measure.ModelShape(non_embedding_params=10_000_000, total_params=12_000_000, layers=6, hidden=384,
@@ -381,7 +448,7 @@ def test_an_auto_scenario_keeps_what_it_resolved_to_and_its_mfu_uses_that_peak()
            "total_params": 1, "tree_peak_rss_bytes": 1, "max_process_rss_bytes": 1, "load": None,
            "precision": "bf16", "precision_ratio": 3.7}
     fpt = measure.flops_per_token(10_000_000, 6, 384, 256.0)
-    rec = run.summarize(s, [one], shape, {"fp32": {"flops": fpt * 256.0 * 8}, "bf16": {"flops": fpt * 256.0 * 2}},
+    rec = records.summarize(s, [one], shape, {"fp32": {"flops": fpt * 256.0 * 8}, "bf16": {"flops": fpt * 256.0 * 2}},
                         None, 0.25)
     assert (rec["scenario"]["precision"], rec["precision"], rec["precision_ratio"]) == ("auto", "bf16", 3.7)
     assert rec["mfu"] == pytest.approx(0.5)  # against the bf16 peak, not fp32's
@@ -429,7 +496,7 @@ def test_interrupted_matrix_writes_what_finished_and_leaves_no_run_behind(tmp_pa
 def test_qlora_accuracy_and_time_to_target_come_from_one_model(tmp_path):
     # QLoRA: the evals (the curve) score the 4-bit model as it trained; metrics.json's base/tuned are
     # the saved snapshots. The record must not time a target on one and report the other's accuracy.
-    from benchmarks import run as bench_run
+    from benchmarks import readers, records
 
     evals = [{"step": 2, "epoch": 0, "accuracy": 0.70, "f1": 0.7, "loss": 0.6, "ece": 0.1},
              {"step": 4, "epoch": 1, "accuracy": 0.852, "f1": 0.85, "loss": 0.4, "ece": 0.1}]
@@ -440,11 +507,12 @@ def test_qlora_accuracy_and_time_to_target_come_from_one_model(tmp_path):
                "evals": evals}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     (tmp_path / "log.jsonl").write_text("".join(
-        json.dumps({"step": k, "train/samples_per_s": 10.0, "train/tokens_per_s": 100.0}) + "\n" for k in range(1, 5)))
+        json.dumps({"step": k, "train/samples_per_s": 10.0, "train/tokens_per_s": 100.0, "train/seconds": 0.2 * k})
+        + "\n" for k in range(1, 5)))
     s = {"id": "qlora", "batch_size": 2, "grad_accum": 1, "nproc": 1, "warmup_steps": 0, "method": "qlora",
          "target_accuracy": 0.85, "epochs": 1, "precision": "fp32"}
-    run = {**bench_run.read_engine(tmp_path, s), "status": "ok", "tree_peak_rss_bytes": 1, "max_process_rss_bytes": 1}
-    rec = bench_run.summarize(s, [run], None, {}, None, 1.0)
+    run = {**readers.read_engine(tmp_path, s), "status": "ok", "tree_peak_rss_bytes": 1, "max_process_rss_bytes": 1}
+    rec = records.summarize(s, [run], None, {}, None, 1.0)
     assert rec["time_to_target_s"] == pytest.approx(0.8)  # step 4 of 4, the 4-bit model's 0.852
     assert (rec["accuracy"], rec["base_accuracy"]) == (0.852, 0.510) == (rec["curve"][-1]["accuracy"],
                                                                         rec["curve"][0]["accuracy"])
