@@ -62,10 +62,10 @@ def main() -> int:
                               Trainer, TrainerCallback, TrainingArguments)
 
     from engine.config import load_recipe
-    from engine.data import load_splits
     from engine.metrics import classification_metrics
     from engine.paths import resolve
     from engine.precision import choose
+    from engine.sources import load_splits
 
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))

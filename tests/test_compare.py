@@ -13,12 +13,24 @@ import pytest
 
 import tiny
 from conftest import run_cli
-from engine.compare import (NEG, NEU, POS, CompareRecipe, VaderScorer, collapse, compare,
-                            fit_temperature, load_eval_set, map_labels, polarity_metrics, verdict)
+from engine.compare import (
+    NEG,
+    NEU,
+    POS,
+    CompareRecipe,
+    VaderScorer,
+    collapse,
+    compare,
+    fit_temperature,
+    load_eval_set,
+    map_labels,
+    polarity_metrics,
+    verdict,
+)
 from engine.config import DataConfig, load_recipe
-from engine.data import load_splits
 from engine.errors import ModelError, RecipeError
 from engine.metrics import brier_score, expected_calibration_error, reliability_bins
+from engine.sources import load_splits
 
 STARS = {i: f"{i + 1} star" + ("s" if i else "") for i in range(5)}
 # name: (id2label, the probabilities every text gets)

@@ -7,8 +7,8 @@ import torch
 
 import tiny
 from conftest import tiny_overrides
+from engine.batching import Tokenized, collate, model_inputs
 from engine.config import ModelConfig, load_recipe
-from engine.data import Tokenized, collate, model_inputs
 from engine.distributed import transformer_blocks
 from engine.finetune import finetune
 from engine.modeling import enable_activation_checkpointing, load_model, load_tokenizer

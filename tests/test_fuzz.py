@@ -6,8 +6,8 @@ import pytest
 
 from conftest import run_cli, tiny_overrides
 from engine.config import DataConfig, Recipe, load_recipe
-from engine.data import load_splits
 from engine.errors import DataError, RecipeError
+from engine.sources import load_splits
 
 rng = random.Random(1234)
 RANDOM_BYTES = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))) for _ in range(40)]

@@ -5,7 +5,7 @@ import numpy as np
 
 from conftest import SHARED_DATA, needs_minilm, needs_shared_data, run_cli
 from engine.config import load_recipe
-from engine.data import load_splits
+from engine.sources import load_splits
 
 
 @needs_shared_data()

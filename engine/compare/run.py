@@ -15,8 +15,18 @@ from typing import Optional
 import numpy as np
 
 from engine.compare.inputs import EvalSet, load_eval_set, load_phrases
-from engine.compare.polarity import (NEU, POLARITIES, LabelMap, collapse, entropy_bits, fit_temperature,
-                                     length_buckets, map_labels, polarity_metrics, verdict)
+from engine.compare.polarity import (
+    NEU,
+    POLARITIES,
+    LabelMap,
+    collapse,
+    entropy_bits,
+    fit_temperature,
+    length_buckets,
+    map_labels,
+    polarity_metrics,
+    verdict,
+)
 from engine.compare.recipe import CompareRecipe
 from engine.compare.report import format_params, summarise, write_plots, write_reports
 from engine.compare.scorers import Scorer, labels_of, load_scorer, own_scores

@@ -9,12 +9,12 @@ from typing import Optional
 
 import numpy as np
 
-from engine import data as data_lib
+from engine import batching
 from engine.compare.polarity import POLARITIES, LabelMap
 from engine.compare.recipe import VADER, CompareRecipe
 from engine.config import ModelConfig
-from engine.data import Examples
 from engine.errors import ModelError
+from engine.sources import Examples
 
 # VADER's authors call a compound score >= 0.05 positive, <= -0.05 negative, neutral in between.
 # Logits scale * (-c, 0.05, c) keep exactly that decision under softmax; the scale only sets how
@@ -105,7 +105,7 @@ class TransformersScorer(Scorer):
         if self.max_length_limit:  # e.g. BERTweet reads 128 tokens at most
             max_length = min(max_length, self.max_length_limit)
         examples = Examples(list(texts), np.zeros(len(texts), dtype=np.int64), "texts")
-        tokens = data_lib.tokenize(examples, self.tokenizer, max_length, cache_dir)
+        tokens = batching.tokenize(examples, self.tokenizer, max_length, cache_dir)
         return predict(self.model, tokens, self.batch_size, self.precision, self.dist,
                        self.tokenizer.pad_token_id, self.tokenizer.padding_side == "left")
 
