@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
 
 from engine.config import ModelConfig
 from engine.errors import MissingPackageError, ModelError
@@ -27,7 +27,6 @@ def load_pretrained(what: str, fn, cfg: ModelConfig, **kwargs):
         if what == "model":
             # unpacked to plain full-precision layers: packed GGUF layers neither train nor
             # save_pretrained, and base/ and tuned/ must be ordinary safetensors snapshots
-            from transformers import GgufConfig
             kwargs.setdefault("quantization_config", GgufConfig(dequantize=True))
     try:
         return fn(where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)

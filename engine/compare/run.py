@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
 from engine.compare.inputs import EvalSet, load_eval_set, load_phrases
 from engine.compare.polarity import (
@@ -97,8 +98,6 @@ def _filled(bins: list[dict]) -> list[dict]:
 
 def compare(recipe: CompareRecipe) -> dict:
     """Score every model on every phrase and dataset; write report.json, report.md and plots."""
-    import torch
-
     started, load_before = time.perf_counter(), _load_average()
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)

@@ -8,12 +8,17 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from engine import batching
+from engine import batching, modeling
 from engine.compare.polarity import POLARITIES, LabelMap
 from engine.compare.recipe import VADER, CompareRecipe
 from engine.config import ModelConfig
+from engine.distributed import Dist
 from engine.errors import ModelError
+from engine.evaluation import predict
+from engine.precision import Precision
 from engine.sources import Examples
 
 # VADER's authors call a compound score >= 0.05 positive, <= -0.05 negative, neutral in between.
@@ -68,13 +73,6 @@ class TransformersScorer(Scorer):
     kind = "transformers"
 
     def __init__(self, spec: str, recipe: CompareRecipe):
-        import torch
-        from transformers import AutoModelForSequenceClassification
-
-        from engine import modeling
-        from engine.distributed import Dist
-        from engine.precision import Precision
-
         cfg = ModelConfig(name_or_path=spec, trust_remote_code=recipe.trust_remote_code)
         self.spec, self.name = spec, display_name(spec)
         self.tokenizer = modeling.load_tokenizer(cfg)
@@ -100,8 +98,6 @@ class TransformersScorer(Scorer):
         self.max_length_limit = limit if isinstance(limit, int) and limit < 100_000 else None
 
     def logits(self, texts, max_length, cache_dir=None) -> np.ndarray:
-        from engine.evaluation import predict
-
         if self.max_length_limit:  # e.g. BERTweet reads 128 tokens at most
             max_length = min(max_length, self.max_length_limit)
         examples = Examples(list(texts), np.zeros(len(texts), dtype=np.int64), "texts")
@@ -134,10 +130,6 @@ def labels_of(spec: str, recipe: CompareRecipe) -> list[str]:
     if spec.lower() == VADER:
         vader_analyzer_class()  # not installed: say so before minutes of scoring other models
         return list(POLARITIES)
-    from transformers import AutoConfig
-
-    from engine import modeling
-
     cfg = ModelConfig(name_or_path=spec, trust_remote_code=recipe.trust_remote_code)
     config = modeling.load_pretrained("config", AutoConfig.from_pretrained, cfg)
     return [config.id2label[i] for i in range(config.num_labels)]
