@@ -7,9 +7,9 @@ import json
 import os
 import queue
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ def default_cache_dir() -> Path:
     return paths.user_cache_dir() / "tokens"
 
 
-def tokenize(examples: Examples, tokenizer, max_length: int, cache_dir: Optional[str] = None,
+def tokenize(examples: Examples, tokenizer, max_length: int, cache_dir: str | None = None,
              truncation: str = "head", head_tokens: int = 0) -> Tokenized:
     """Token ids for every text, cut to max_length (see DataConfig.truncation); read from the cache
     when seen before."""

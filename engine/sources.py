@@ -11,9 +11,9 @@ engine/batching.py turns the examples into token ids and batches.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -37,7 +37,7 @@ class Splits:
     train: Examples
     eval: Examples
     label_names: list[str]
-    test: Optional[Examples] = None  # data.test_split: scored once at the end
+    test: Examples | None = None  # data.test_split: scored once at the end
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ class Splits:
 
 
 def load_splits(cfg: DataConfig, seed: int,
-                model_names: Optional[Callable[[], Optional[list[str]]]] = None) -> Splits:
+                model_names: Callable[[], list[str] | None] | None = None) -> Splits:
     """Read, filter, label-map and subsample the train and eval splits a recipe asks for.
 
     `model_names()`: the class names the model's config gives (modeling.config_label_names), asked
@@ -81,7 +81,7 @@ def load_splits(cfg: DataConfig, seed: int,
     return Splits(train, evals, names, test)
 
 
-def load_eval_split(cfg: DataConfig, split: str, label_names: Optional[list[str]] = None,
+def load_eval_split(cfg: DataConfig, split: str, label_names: list[str] | None = None,
                     seed: int = 42) -> Examples:
     """One split for evaluation only (launch/evaluate.py), labels mapped onto `label_names`."""
     raw = read_split(cfg, split)
@@ -99,7 +99,7 @@ class RawSplit:
     rows: list[int]  # 1-based row numbers in the source, for messages
     column: str
     origin: str
-    label_names: Optional[list[str]]  # when the source declares them (hub ClassLabel, mapping.txt)
+    label_names: list[str] | None  # when the source declares them (hub ClassLabel, mapping.txt)
 
 
 def read_split(cfg: DataConfig, split: str) -> RawSplit:
@@ -129,7 +129,7 @@ def read_split(cfg: DataConfig, split: str) -> RawSplit:
     if len(frame) == 0:
         raise DataError(f"{origin}: split '{split}' is empty" + (" after data.where" if cfg.where else ""))
     texts = frame[cfg.text_column].tolist()
-    for row, text in zip(frame.index, texts):
+    for row, text in zip(frame.index, texts, strict=True):
         if not isinstance(text, str):
             raise DataError(f"{origin}: row {row + 1}, column '{cfg.text_column}': expected text, "
                             f"got {text!r}")
@@ -237,8 +237,8 @@ def _read_text_label_pair(path: Path, split: str, cfg: DataConfig):
 # Labels and subsets
 
 
-def label_ids(raw: RawSplit, cfg: DataConfig, names: Optional[list[str]],
-              model_names: Optional[Callable[[], Optional[list[str]]]] = None):
+def label_ids(raw: RawSplit, cfg: DataConfig, names: list[str] | None,
+              model_names: Callable[[], list[str] | None] | None = None):
     """Map stored labels to class ids; returns (class names, ids).
 
     Class names, first found: `names` (the train split's, when mapping eval), data.label_names,
@@ -246,7 +246,7 @@ def label_ids(raw: RawSplit, cfg: DataConfig, names: Optional[list[str]],
     own names when integer labels count exactly as many classes, else LABEL_i.
     """
     values, rows, column = raw.labels, raw.rows, raw.column
-    for v, row in zip(values, rows):
+    for v, row in zip(values, rows, strict=True):
         if v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and not v.strip()):
             raise DataError(f"{raw.origin}: row {row}, column '{column}': missing label")
     names = names or cfg.label_names or raw.label_names
@@ -259,7 +259,7 @@ def label_ids(raw: RawSplit, cfg: DataConfig, names: Optional[list[str]],
                 names = list(named)
             else:
                 names = [f"LABEL_{i}" for i in range(n_classes)]
-        for v, row in zip(as_int, rows):
+        for v, row in zip(as_int, rows, strict=True):
             if not 0 <= v < len(names):
                 raise DataError(f"{raw.origin}: row {row}, column '{column}': label {v} out of range "
                                 f"0..{len(names) - 1} ({', '.join(names)})")
@@ -272,7 +272,7 @@ def label_ids(raw: RawSplit, cfg: DataConfig, names: Optional[list[str]],
                             f"list the classes in data.label_names")
     index = {n.lower(): i for i, n in enumerate(names)}
     ids = []
-    for v, row in zip(strings, rows):
+    for v, row in zip(strings, rows, strict=True):
         if v.lower() not in index:
             raise DataError(f"{raw.origin}: row {row}, column '{column}': unknown label {v!r} "
                             f"(known: {', '.join(names)})")

@@ -17,7 +17,7 @@ def test_one_process_and_two_ranks_see_the_same_examples_per_step():
     r1 = train_steps(lengths, batch_size=4, grad_accum=2, epoch=0, seed=1, world=2, rank=1)
     # global step size 16 in both: same steps, same examples, ranks disjoint
     assert len(single) == len(r0) == len(r1) == 400 // 16
-    for s, a, b in zip(single, r0, r1):
+    for s, a, b in zip(single, r0, r1, strict=True):
         mine = np.concatenate(a), np.concatenate(b)
         assert not set(mine[0].tolist()) & set(mine[1].tolist())
         assert sorted(np.concatenate(s).tolist()) == sorted(np.concatenate(mine).tolist())

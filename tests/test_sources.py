@@ -25,7 +25,7 @@ def test_aclimdb_layout(tmp_path):
             for i in range(n):
                 (tmp_path / split / sub / f"{i}_7.txt").write_text(f"{sub} review {i}")
     s = load_splits(DataConfig(source=str(tmp_path)), seed=0)
-    assert sorted(zip(s.train.texts, s.train.labels.tolist()))[0] == ("neg review 0", 0)
+    assert sorted(zip(s.train.texts, s.train.labels.tolist(), strict=True))[0] == ("neg review 0", 0)
     assert s.label_names == ["neg", "pos"] and s.train.labels.sum() == 3
 
 
@@ -73,7 +73,8 @@ def test_rename_columns_refuses_a_clash(tmp_path):
 
 def test_holdout_is_disjoint_from_train(tmp_path):
     f = tmp_path / "all.csv"
-    pd.DataFrame({"text": [f"review number {i}" for i in range(100)], "label": [i % 2 for i in range(100)]}).to_csv(f, index=False)
+    frame = pd.DataFrame({"text": [f"review number {i}" for i in range(100)], "label": [i % 2 for i in range(100)]})
+    frame.to_csv(f, index=False)
     s = load_splits(DataConfig(source=str(f), eval_split=None, holdout_size=30, train_size=50), seed=1)
     assert len(s.eval.texts) == 30 and len(s.train.texts) == 50
     assert not set(s.eval.texts) & set(s.train.texts)

@@ -5,7 +5,6 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -55,7 +54,7 @@ class EvalSet:
     name: str
     cfg: CompareData
     test: Examples
-    val: Optional[Examples]
+    val: Examples | None
     label_names: list[str]
     gold_polarity: np.ndarray  # per label id
     polarities: set
@@ -64,7 +63,7 @@ class EvalSet:
         return self.gold_polarity[ex.labels]
 
 
-def _labelled(cfg: DataConfig, split: str, names: Optional[list[str]]):
+def _labelled(cfg: DataConfig, split: str, names: list[str] | None):
     raw = sources.read_split(cfg, split)
     names, ids = sources.label_ids(raw, cfg, names)
     return names, Examples(raw.texts, ids, raw.origin)

@@ -5,7 +5,6 @@ Each gives native logits over its own label names; engine.compare.polarity maps 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -44,9 +43,9 @@ class Scorer:
     spec: str
     labels: list[str]
     kind: str
-    params: Optional[int] = None
+    params: int | None = None
 
-    def logits(self, texts: list[str], max_length: int, cache_dir: Optional[str]) -> np.ndarray:
+    def logits(self, texts: list[str], max_length: int, cache_dir: str | None) -> np.ndarray:
         raise NotImplementedError
 
     def close(self) -> None:
