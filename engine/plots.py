@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 
 def pyplot():
@@ -15,7 +14,7 @@ def pyplot():
     return plt
 
 
-def save(fig, path: Path, dpi: int, colors: Optional[int] = None) -> None:
+def save(fig, path: Path, dpi: int, colors: int | None = None) -> None:
     """Write `fig` as a PNG and close it; `colors` quantises it to a palette of that many colours."""
     plt = pyplot()
     fig.savefig(path, dpi=dpi)

@@ -1,4 +1,5 @@
-"""Decoder LLMs (Llama, Qwen2, Gemma 3, Mistral, Phi-3, GPT-2 shapes) as classifiers: padding, blocks, checkpointing, training."""
+"""Decoder LLMs (Llama, Qwen2, Gemma 3, Mistral, Phi-3, GPT-2 shapes) as classifiers: padding, blocks,
+checkpointing, training."""
 import json
 
 import numpy as np
