@@ -6,6 +6,7 @@ from pathlib import Path
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend: files only, no display on CI or servers."""
+    # imported on first use: half a second that only the reports need, and the backend goes before pyplot
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +21,7 @@ def save(fig, path: Path, dpi: int, colors: int | None = None) -> None:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     if colors:
-        from PIL import Image
+        from PIL import Image  # only for palette-quantised plots
 
         with Image.open(path) as im:
             small = im.convert("RGB").quantize(colors=colors)
