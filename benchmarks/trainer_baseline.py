@@ -45,10 +45,10 @@ from transformers import (
 
 from engine import modeling
 from engine.config import load_recipe
-from engine.data import load_splits
 from engine.metrics import classification_metrics
 from engine.paths import resolve
 from engine.precision import choose
+from engine.sources import load_splits
 
 
 class Counting:

@@ -13,12 +13,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
 from engine.errors import RecipeError
-
 
 # No count, size, step or seed in a recipe means anything past this; a larger one is a typo that
 # would otherwise fail later (an allocation, a numpy seed, a tensor shape) with a traceback.
@@ -28,22 +27,22 @@ MAX_INT = 2**31 - 1
 @dataclass
 class ModelConfig:
     name_or_path: str = "distilbert-base-uncased"  # hub name, local folder, or package://pkg/path
-    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    revision: str | None = None  # hub revision (branch, tag or commit)
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless asked for
     # auto: SDPA where the architecture has it, else its own default (DeBERTa-v2, MPNet: eager);
     # sdpa | eager | flash_attention_2 ask for one and stop with one line where it is missing
-    attn_implementation: Optional[str] = "auto"
-    gguf_file: Optional[str] = None  # a .gguf file inside name_or_path: de-quantised on load
+    attn_implementation: str | None = "auto"
+    gguf_file: str | None = None  # a .gguf file inside name_or_path: de-quantised on load
 
 
 @dataclass
 class DataConfig:
     source: str = "imdb"  # hub dataset name, local file or folder, or package://pkg/path
     train_split: str = "train"
-    eval_split: Optional[str] = "test"  # None with holdout_size > 0: carve eval from train
+    eval_split: str | None = "test"  # None with holdout_size > 0: carve eval from train
     text_column: str = "text"
     label_column: str = "label"
-    label_names: Optional[list[str]] = None  # class order for string labels (default: sorted)
+    label_names: list[str] | None = None  # class order for string labels (default: sorted)
     where: dict[str, Any] = field(default_factory=dict)  # keep rows whose column equals value
     # old -> new column names, in every split that has the old one (SST-2: dev's `content` is
     # train's `sentence`), so one text_column/label_column serves splits that name it differently
@@ -55,14 +54,14 @@ class DataConfig:
     # give their verdict at the end (Sun et al. 2019 found the first 128 + last 382 best on IMDB)
     truncation: Literal["head", "tail", "head_tail"] = "head"
     head_tokens: int = 128  # head_tail only
-    train_size: Optional[int] = None  # seeded, stratified subset of the train split
-    eval_size: Optional[int] = None  # seeded, stratified subset of the eval split
+    train_size: int | None = None  # seeded, stratified subset of the train split
+    eval_size: int | None = None  # seeded, stratified subset of the eval split
     holdout_size: int = 0  # examples held out of train (seeded, stratified) to evaluate on
     # scored once at the end, base and tuned: the figures of metrics.json's base/tuned; the eval set
     # (eval_split or holdout) then only selects (eval_every, keep_best), its scores go to `evals`
-    test_split: Optional[str] = None
-    test_size: Optional[int] = None  # seeded, stratified subset of the test split
-    cache_dir: Optional[str] = None  # tokenized cache (default ~/.cache/sentiment-engine)
+    test_split: str | None = None
+    test_size: int | None = None  # seeded, stratified subset of the test split
+    cache_dir: str | None = None  # tokenized cache (default ~/.cache/sentiment-engine)
 
 
 @dataclass
@@ -88,7 +87,7 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0 = only at each epoch end
     keep_best: bool = False  # tuned/ = the best eval-accuracy state instead of the last
     log_every: int = 10  # steps between logged scalars
-    num_threads: Optional[int] = None  # torch threads per process (default: cores / processes)
+    num_threads: int | None = None  # torch threads per process (default: cores / processes)
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% slower
 
@@ -96,7 +95,7 @@ class TrainConfig:
 @dataclass
 class DistributedConfig:
     strategy: Literal["none", "ddp", "fsdp"] = "none"
-    backend: Optional[str] = None  # default: nccl on CUDA, gloo on CPU
+    backend: str | None = None  # default: nccl on CUDA, gloo on CPU
     replicas: int = 1  # fsdp: > 1 = hybrid mesh, shard inside groups of world/replicas, replicate across
     reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (less memory)
     cpu_offload: bool = False  # fsdp: keep sharded parameters and optimizer state in host memory
@@ -114,7 +113,7 @@ class PeftConfig:
     # layers that get adapters; default per architecture (engine/adapters.py DEFAULT_TARGETS): the
     # attention's query and value for encoders (DistilBERT q_lin,v_lin; BERT query,value), all-linear
     # for decoder LLMs and architectures not listed
-    target_modules: Optional[list[str]] = None
+    target_modules: list[str] | None = None
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.data import Tokenized, collate, eval_batches, model_inputs
+from engine.batching import Tokenized, collate, eval_batches, model_inputs
 from engine.metrics import classification_metrics
 from engine.paths import user_cache_dir
 
@@ -122,7 +122,7 @@ def cached_score(key: dict | None, score: Callable[[], dict], dist, folder: Path
 def evaluate_pretrained(model_path: str, data_cfg, split: str, batch_size: int = 64,
                         precision_name: str = "fp32", trust_remote_code: bool = False) -> dict:
     """Load any saved or hub classifier and evaluate it on one split, labels read from its config."""
-    from engine import data as data_lib, modeling
+    from engine import batching, modeling, sources
     from engine.config import ModelConfig
     from engine.distributed import Dist
     from engine.precision import Precision
@@ -131,8 +131,8 @@ def evaluate_pretrained(model_path: str, data_cfg, split: str, batch_size: int =
     tokenizer = modeling.load_tokenizer(mcfg)
     model = modeling.load_model(mcfg, tokenizer=tokenizer)
     names = modeling.label_names_of(model)
-    examples = data_lib.load_eval_split(data_cfg, split, data_cfg.label_names or names)
-    tokens = data_lib.tokenize(examples, tokenizer, data_cfg.max_length, data_cfg.cache_dir,
+    examples = sources.load_eval_split(data_cfg, split, data_cfg.label_names or names)
+    tokens = batching.tokenize(examples, tokenizer, data_cfg.max_length, data_cfg.cache_dir,
                                truncation=data_cfg.truncation, head_tokens=data_cfg.head_tokens)
     dist = Dist()
     metrics = evaluate(model, tokens, names, batch_size, Precision(precision_name, dist.device), dist,

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine import adapters, checkpoint, data as data_lib, distributed, loop, modeling, optim, signals
+from engine import adapters, batching, checkpoint, distributed, loop, modeling, optim, signals, sources
 from engine import precision as precision_lib
 from engine.config import Recipe, dump_recipe, to_dict
-from engine.errors import OutputDirError
+from engine.errors import DataError, OutputDirError
 from engine.evaluation import cached_score, eval_set_digest, evaluate
 from engine.metrics import TimeParts
 from engine.precision import Precision
@@ -50,7 +50,7 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     # data and model; the head's initialisation is seeded, and identical on every rank
     seed_everything(recipe.seed)
     with parts.part("load"):
-        splits = data_lib.load_splits(recipe.data, recipe.seed, lambda: modeling.config_label_names(recipe.model))
+        splits = sources.load_splits(recipe.data, recipe.seed, lambda: modeling.config_label_names(recipe.model))
         tokenizer = modeling.load_tokenizer(recipe.model)
         model = modeling.load_model(recipe.model, splits.label_names, tokenizer)
     attention = modeling.attn_implementation(model)
@@ -58,9 +58,9 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     d = recipe.data
     cut = dict(truncation=d.truncation, head_tokens=d.head_tokens)
     with parts.part("tokenize"):
-        train_set = data_lib.tokenize(splits.train, tokenizer, d.max_length, d.cache_dir, **cut)
-        eval_set = data_lib.tokenize(splits.eval, tokenizer, d.max_length, d.cache_dir, **cut)
-        test_set = data_lib.tokenize(splits.test, tokenizer, d.max_length, d.cache_dir, **cut) if splits.test else None
+        train_set = batching.tokenize(splits.train, tokenizer, d.max_length, d.cache_dir, **cut)
+        eval_set = batching.tokenize(splits.eval, tokenizer, d.max_length, d.cache_dir, **cut)
+        test_set = batching.tokenize(splits.test, tokenizer, d.max_length, d.cache_dir, **cut) if splits.test else None
     check_sizes(len(train_set), len(eval_set), train_cfg, dist)
     fingerprint = run_fingerprint(recipe, model, len(train_set), len(eval_set), dist)
     saved = checkpoint.read_state(resume_from) if resume_from else None
@@ -320,11 +320,11 @@ def peak_memory(device: torch.device) -> dict:
 def check_sizes(n_train: int, n_eval: int, cfg, dist) -> None:
     step = cfg.batch_size * cfg.grad_accum * dist.world
     if n_train < step:
-        raise data_lib.DataError(
+        raise DataError(
             f"{n_train} training examples cannot fill one step of {step} "
             f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {dist.world} processes)")
     if n_eval < dist.world:
-        raise data_lib.DataError(f"{n_eval} eval examples for {dist.world} processes: need at least one each")
+        raise DataError(f"{n_eval} eval examples for {dist.world} processes: need at least one each")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

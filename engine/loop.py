@@ -13,8 +13,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from engine.batching import Tokenized, collate, model_inputs, prefetch, train_steps
 from engine.config import TrainConfig
-from engine.data import Tokenized, collate, model_inputs, prefetch, train_steps
 from engine.errors import StopTraining
 from engine.metrics import Throughput
 

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
 
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
 
 from engine.config import ModelConfig
 from engine.errors import MissingPackageError, ModelError
@@ -27,7 +26,6 @@ def load_pretrained(what: str, fn, cfg: ModelConfig, **kwargs):
         if what == "model":
             # unpacked to plain full-precision layers: packed GGUF layers neither train nor
             # save_pretrained, and base/ and tuned/ must be ordinary safetensors snapshots
-            from transformers import GgufConfig
             kwargs.setdefault("quantization_config", GgufConfig(dequantize=True))
     try:
         return fn(where, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, **kwargs)
@@ -58,7 +56,7 @@ def attention_kwargs(cfg: ModelConfig) -> dict:
     return {"attn_implementation": cfg.attn_implementation}
 
 
-def load_model(cfg: ModelConfig, label_names: Optional[list[str]] = None, tokenizer=None, **extra):
+def load_model(cfg: ModelConfig, label_names: list[str] | None = None, tokenizer=None, **extra):
     """The pretrained body with a classification head sized for `label_names` (None: as saved).
 
     A head the checkpoint lacks is initialised from torch's RNG: seed before calling. `extra` goes
@@ -96,7 +94,7 @@ def attn_implementation(model) -> str:
     return str(getattr(model.config, "_attn_implementation", None) or "eager")
 
 
-def config_label_names(cfg: ModelConfig) -> Optional[list[str]]:
+def config_label_names(cfg: ModelConfig) -> list[str] | None:
     """The class names the model's config gives, unless they are transformers' LABEL_i defaults.
 
     None when there are none, or the config cannot be read (loading the model says why later).

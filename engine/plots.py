@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend: files only, no display on CI or servers."""
+    # imported on first use: half a second that only the reports need, and the backend goes before pyplot
     import matplotlib
 
     matplotlib.use("Agg")
@@ -15,13 +15,13 @@ def pyplot():
     return plt
 
 
-def save(fig, path: Path, dpi: int, colors: Optional[int] = None) -> None:
+def save(fig, path: Path, dpi: int, colors: int | None = None) -> None:
     """Write `fig` as a PNG and close it; `colors` quantises it to a palette of that many colours."""
     plt = pyplot()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     if colors:
-        from PIL import Image
+        from PIL import Image  # only for palette-quantised plots
 
         with Image.open(path) as im:
             small = im.convert("RGB").quantize(colors=colors)

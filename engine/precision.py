@@ -16,8 +16,8 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -35,7 +35,7 @@ class Choice:
     """What a run computes in, and why."""
     requested: str  # as the recipe said: auto | fp32 | bf16 | fp16
     name: str  # fp32 | bf16 | fp16
-    ratio: Optional[float] = None  # measured low-precision matmul speed / fp32 (CPU only)
+    ratio: float | None = None  # measured low-precision matmul speed / fp32 (CPU only)
     reason: str = ""
 
     def describe(self) -> str:
@@ -49,7 +49,7 @@ class Choice:
 
 def choose(requested: str, device: torch.device, broadcast: Callable = lambda x: x,
            say: Callable[[str], None] = print, main: bool = True,
-           probe: Optional[Callable[[str, int], float]] = None) -> Choice:
+           probe: Callable[[str, int], float] | None = None) -> Choice:
     """Resolve `requested` for this device. On CPU the matmul ratio is measured once per machine
     (cached); the main rank measures and `broadcast` hands its answer to the others, so all agree."""
     if device.type == "cuda":
@@ -73,7 +73,7 @@ def choose(requested: str, device: torch.device, broadcast: Callable = lambda x:
     return Choice(requested, requested, ratio, f"{requested} matmul {ratio:.2f}x fp32 on this CPU")
 
 
-def cpu_ratio(low: str, probe: Optional[Callable[[str, int], float]] = None) -> float:
+def cpu_ratio(low: str, probe: Callable[[str, int], float] | None = None) -> float:
     """`low`'s matmul speed over fp32's on this CPU at this thread count, cached per machine and torch."""
     threads = torch.get_num_threads()
     key = f"{machine_id()}|torch {torch.__version__}|threads {threads}|{low}"

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 
@@ -18,8 +19,6 @@ class Tracker:
         self.done, self.total = 0, total_steps
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
         out = Path(out_dir)
         self.tb = SummaryWriter(str(out / "tb"))
         self.jsonl = open(out / "log.jsonl", "a", encoding="utf-8")

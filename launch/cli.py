@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 def quiet_libraries() -> None:
     """Our progress bar is the one that matters; hide the per-file load/save bars of transformers."""
+    # here, not at the top: the environment line above must come first, and it costs a second
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -23,7 +24,7 @@ def quiet_libraries() -> None:
 
 def run_main(main) -> None:
     """Run `main()`; bad input -> one line on stderr and exit 2; a crash -> traceback and exit 1."""
-    from engine.errors import USER_ERRORS, StopTraining
+    from engine.errors import USER_ERRORS, StopTraining  # importable once sys.path holds the checkout
 
     rank = os.environ.get("RANK")
     who = f"rank {rank}: " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""

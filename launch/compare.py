@@ -16,6 +16,7 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. models=[a,b,vader] datasets=[]")
     args = parser.parse_intermixed_args()  # flags may come after key=value overrides
 
+    # the engine loads only now, after argparse: --help and usage errors answer without importing torch
     from engine.compare import CompareRecipe, compare, phrase_table
     from engine.config import load_recipe
 

@@ -28,6 +28,7 @@ def main() -> int:
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args()
 
+    # the engine loads only now, after argparse: --help and usage errors answer without importing torch
     from engine.checkpoint import write_json_atomic
     from engine.config import DataConfig
     from engine.evaluation import evaluate_pretrained

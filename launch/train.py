@@ -17,6 +17,7 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.lr=3e-5")
     args = parser.parse_intermixed_args()  # flags may come after key=value overrides
 
+    # the engine loads only now, after argparse: --help and usage errors answer without importing torch
     from engine.config import load_recipe
     from engine.finetune import finetune, summary_table
 

@@ -13,12 +13,24 @@ import pytest
 
 import tiny
 from conftest import run_cli
-from engine.compare import (NEG, NEU, POS, CompareRecipe, VaderScorer, collapse, compare,
-                            fit_temperature, load_eval_set, map_labels, polarity_metrics, verdict)
+from engine.compare import (
+    NEG,
+    NEU,
+    POS,
+    CompareRecipe,
+    VaderScorer,
+    collapse,
+    compare,
+    fit_temperature,
+    load_eval_set,
+    map_labels,
+    polarity_metrics,
+    verdict,
+)
 from engine.config import DataConfig, load_recipe
-from engine.data import load_splits
 from engine.errors import ModelError, RecipeError
 from engine.metrics import brier_score, expected_calibration_error, reliability_bins
+from engine.sources import load_splits
 
 STARS = {i: f"{i + 1} star" + ("s" if i else "") for i in range(5)}
 # name: (id2label, the probabilities every text gets)
@@ -110,7 +122,8 @@ def test_phrase_distribution_polarity_and_abstention(report):
         assert (f["top_label"], f["polarity"], f["verdict"]) == ("neutral", "neutral", "abstain")
         n = res(r, "label_n", phrase)  # positive, but 0.55 < threshold 0.6: abstain
         assert (n["polarity"], n["verdict"]) == ("positive", "abstain")
-        assert n["polarity_probabilities"] == pytest.approx({"negative": 0.45, "neutral": 0.0, "positive": 0.55}, abs=1e-6)
+        expected = {"negative": 0.45, "neutral": 0.0, "positive": 0.55}
+        assert n["polarity_probabilities"] == pytest.approx(expected, abs=1e-6)
     # expected polarities of the seed's phrases: positive, negative, neutral (ambiguous)
     assert [res(r, "bertweet_like", i)["matches_expected"] for i in range(3)] == [True, False, False]
     assert [res(r, "finbert_like", i)["matches_expected"] for i in range(3)] == [False, False, True]
@@ -146,7 +159,8 @@ def test_recognised_names(labels, polarity):
 
 
 def test_recipe_mapping_overrides_recognition():
-    lm = map_labels(["1 star", "2 stars", "3 stars", "4 stars", "5 stars"], {"2 stars": "neutral", "4 stars": "neutral"})
+    lm = map_labels(["1 star", "2 stars", "3 stars", "4 stars", "5 stars"],
+                    {"2 stars": "neutral", "4 stars": "neutral"})
     assert lm.polarity == [NEG, NEU, NEU, NEU, POS]
 
 

@@ -1,4 +1,5 @@
-"""Decoder LLMs (Llama, Qwen2, Gemma 3, Mistral, Phi-3, GPT-2 shapes) as classifiers: padding, blocks, checkpointing, training."""
+"""Decoder LLMs (Llama, Qwen2, Gemma 3, Mistral, Phi-3, GPT-2 shapes) as classifiers: padding, blocks,
+checkpointing, training."""
 import json
 
 import numpy as np
@@ -7,8 +8,8 @@ import torch
 
 import tiny
 from conftest import tiny_overrides
+from engine.batching import Tokenized, collate, model_inputs
 from engine.config import ModelConfig, load_recipe
-from engine.data import Tokenized, collate, model_inputs
 from engine.distributed import transformer_blocks
 from engine.finetune import finetune
 from engine.modeling import enable_activation_checkpointing, load_model, load_tokenizer

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engine import evaluation, modeling
+from engine.batching import Tokenized
 from engine.config import ModelConfig
-from engine.data import Tokenized
 from engine.distributed import Dist
 from engine.evaluation import no_autograd, predict
 from engine.precision import Precision

@@ -6,8 +6,8 @@ import pytest
 
 from conftest import run_cli, tiny_overrides
 from engine.config import DataConfig, Recipe, load_recipe
-from engine.data import load_splits
 from engine.errors import DataError, RecipeError
+from engine.sources import load_splits
 
 rng = random.Random(1234)
 RANDOM_BYTES = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))) for _ in range(40)]
@@ -48,8 +48,8 @@ def test_odd_but_valid_recipe_loads_to_what_it_says(tmp_path, content):
 
 
 DATA = {
-    "csv": [b"", b"text,label\n", b"\xff\xfe\x00", b"text,label\n\"unclosed,1\n", b"a,b\n1,2\n", b"text,label\nhi,1.5\n", b"text,label\nhi,\n",
-            b"text,label\nhi,-1\n"],
+    "csv": [b"", b"text,label\n", b"\xff\xfe\x00", b"text,label\n\"unclosed,1\n", b"a,b\n1,2\n",
+            b"text,label\nhi,1.5\n", b"text,label\nhi,\n", b"text,label\nhi,-1\n"],
     "tsv": [b"", b"text\tlabel\nok\tpositive\n", b"\x00" * 64, b"text\tlabel\n\t\n"],
     "jsonl": [b"", b"{not json}\n", b"[1,2]\n", b'{"text": 5, "label": 1}\n', b'{"text": "a"}\n'],
     "parquet": [b"", b"PAR1", b"PAR1\x00\x00PAR1"] + RANDOM_BYTES[:5],

@@ -104,7 +104,7 @@ def test_nothing_cached_is_one_line(tmp_path):
 
 def test_hub_classlabel_names_come_before_the_models(hf_home):
     """The names a hub dataset declares (ClassLabel) are the data's: the model's do not replace them."""
-    code = ("from engine.config import DataConfig; from engine.data import load_splits; "
+    code = ("from engine.config import DataConfig; from engine.sources import load_splits; "
             "s = load_splits(DataConfig(source='imdb', train_size=8, eval_size=4), 0, "
             "lambda: ['negative', 'positive']); "
             "print(s.label_names, s.train.origin)")

@@ -5,7 +5,7 @@ import numpy as np
 
 from conftest import SHARED_DATA, needs_minilm, needs_shared_data, run_cli
 from engine.config import load_recipe
-from engine.data import load_splits
+from engine.sources import load_splits
 
 
 @needs_shared_data()
@@ -33,5 +33,5 @@ def test_real_minilm_learns_the_shared_imdb_reviews_it_trains_on(tmp_path):
     predicted = [r["label"] for r in clf(list(train.texts), batch_size=8)]
     gold = [m["data"]["labels"][y] for y in train.labels]
     assert sorted(set(gold)) == ["negative", "positive"] and len(gold) == 32
-    accuracy = float(np.mean([p == g for p, g in zip(predicted, gold)]))
+    accuracy = float(np.mean([p == g for p, g in zip(predicted, gold, strict=True)]))
     assert accuracy >= 0.8, accuracy

@@ -117,7 +117,7 @@ def make_model(folder, arch: str = "bert", num_labels: int = 2, dropout: bool = 
     tokenizer = make_bpe_tokenizer() if arch == "qwen2" else make_tokenizer()
     spec = dict(ARCH[arch])
     if hidden:
-        spec.update(zip(WIDTH_KEYS[arch], (hidden, 2 * hidden)))
+        spec.update(zip(WIDTH_KEYS[arch], (hidden, 2 * hidden), strict=True))
         spec.update({k: f(hidden) for k, f in WIDTH_FOLLOWERS.items() if k in spec})
     kw = dict(NO_DROPOUT.get(arch, {})) if not dropout else {}  # a copy: the updates below must not leak
     if init_range:
@@ -142,7 +142,8 @@ def make_model(folder, arch: str = "bert", num_labels: int = 2, dropout: bool = 
 
 def sentence(rng: random.Random, label: int) -> str:
     words = POSITIVE if label == 1 else NEGATIVE
-    body = [rng.choice(FILLER) for _ in range(rng.randint(2, 12))] + [rng.choice(words) for _ in range(rng.randint(1, 3))]
+    body = [rng.choice(FILLER) for _ in range(rng.randint(2, 12))]
+    body += [rng.choice(words) for _ in range(rng.randint(1, 3))]
     rng.shuffle(body)
     return " ".join(body)
 

@@ -12,8 +12,18 @@ recipe: the schema; polarity: label sets -> polarities, metrics and temperature 
 the models and VADER; inputs: phrases and datasets; run: the comparison; report: markdown and plots.
 """
 from engine.compare.inputs import EvalSet, load_eval_set, load_phrases
-from engine.compare.polarity import (NEG, NEU, POLARITIES, POS, LabelMap, collapse, fit_temperature, map_labels,
-                                     polarity_metrics, verdict)
+from engine.compare.polarity import (
+    NEG,
+    NEU,
+    POLARITIES,
+    POS,
+    LabelMap,
+    collapse,
+    fit_temperature,
+    map_labels,
+    polarity_metrics,
+    verdict,
+)
 from engine.compare.recipe import VADER, CompareData, CompareRecipe, Phrase
 from engine.compare.report import markdown, phrase_table, rewrite_report, write_plots
 from engine.compare.run import compare

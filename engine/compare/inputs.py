@@ -5,16 +5,15 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
-from engine import data as data_lib
+from engine import sources
 from engine.compare.polarity import POLARITIES, map_labels
 from engine.compare.recipe import CompareData, CompareRecipe, Phrase
 from engine.config import DataConfig
-from engine.data import Examples
 from engine.errors import DataError, RecipeError
+from engine.sources import Examples
 
 
 def load_phrases(recipe: CompareRecipe) -> list[Phrase]:
@@ -24,12 +23,12 @@ def load_phrases(recipe: CompareRecipe) -> list[Phrase]:
     if not path.exists():
         raise DataError(f"{path}: phrases_file does not exist")
     if path.suffix.lower() == ".txt":
-        lines = data_lib.decode_file(path, "utf-8").splitlines()
+        lines = sources.decode_file(path, "utf-8").splitlines()
         return [Phrase(line.strip()) for line in lines if line.strip()]
-    if path.suffix.lower() not in data_lib.TABLE_SUFFIXES:
+    if path.suffix.lower() not in sources.TABLE_SUFFIXES:
         raise DataError(f"{path}: phrases_file must be .txt (one phrase a line) or "
-                        f"{'/'.join(data_lib.TABLE_SUFFIXES)} with columns text, expected")
-    frame = data_lib.read_table(path, "utf-8")
+                        f"{'/'.join(sources.TABLE_SUFFIXES)} with columns text, expected")
+    frame = sources.read_table(path, "utf-8")
     if "text" not in frame.columns:
         raise DataError(f"{path}: no column 'text'; columns: {', '.join(map(str, frame.columns))}")
     out = []
@@ -55,7 +54,7 @@ class EvalSet:
     name: str
     cfg: CompareData
     test: Examples
-    val: Optional[Examples]
+    val: Examples | None
     label_names: list[str]
     gold_polarity: np.ndarray  # per label id
     polarities: set
@@ -64,9 +63,9 @@ class EvalSet:
         return self.gold_polarity[ex.labels]
 
 
-def _labelled(cfg: DataConfig, split: str, names: Optional[list[str]]):
-    raw = data_lib.read_split(cfg, split)
-    names, ids = data_lib.label_ids(raw, cfg, names)
+def _labelled(cfg: DataConfig, split: str, names: list[str] | None):
+    raw = sources.read_split(cfg, split)
+    names, ids = sources.label_ids(raw, cfg, names)
     return names, Examples(raw.texts, ids, raw.origin)
 
 
@@ -76,25 +75,25 @@ def load_eval_set(cfg: CompareData, seed: int) -> EvalSet:
         names, pool = _labelled(cfg, cfg.eval_split, None)
     else:
         # exactly the rows a training run with this seed held out: none of them was trained on
-        splits = data_lib.load_splits(dataclasses.replace(cfg, eval_size=None, train_size=None), seed)
+        splits = sources.load_splits(dataclasses.replace(cfg, eval_size=None, train_size=None), seed)
         names, pool = splits.label_names, splits.eval
     val = None
     if cfg.val_split:
         _, val = _labelled(cfg, cfg.val_split, names)
         if cfg.val_size and cfg.val_size < len(val.texts):
-            val = data_lib.take(val, data_lib.stratified_subset(val.labels, cfg.val_size, seed + 2))
+            val = sources.take(val, sources.stratified_subset(val.labels, cfg.val_size, seed + 2))
         elif not cfg.val_size:
             val = None
     elif cfg.val_size:
         if cfg.val_size >= len(pool.texts):
             raise DataError(f"{pool.origin}: val_size={cfg.val_size} leaves nothing to score "
                             f"(split has {len(pool.texts)}); lower it or set val_split")
-        held = data_lib.stratified_subset(pool.labels, cfg.val_size, seed + 2)
+        held = sources.stratified_subset(pool.labels, cfg.val_size, seed + 2)
         rest = np.setdiff1d(np.arange(len(pool.texts)), held)
-        val, pool = data_lib.take(pool, held), data_lib.take(pool, rest)
+        val, pool = sources.take(pool, held), sources.take(pool, rest)
         val.origin += f" (temperature split: {cfg.val_size}, seed {seed + 2})"
     if cfg.eval_size is not None and cfg.eval_size < len(pool.texts):
-        pool = data_lib.take(pool, data_lib.stratified_subset(pool.labels, cfg.eval_size, seed + 1))
+        pool = sources.take(pool, sources.stratified_subset(pool.labels, cfg.eval_size, seed + 1))
     try:
         lm = map_labels(names, who=f"dataset '{name}'")
     except RecipeError:

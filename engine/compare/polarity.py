@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional
+from itertools import pairwise
 
 import numpy as np
 
@@ -29,7 +29,7 @@ class LabelMap:
     labels: list[str]
     polarity: list[int]  # per native label
     kind: str  # how the set was recognised, for the report
-    stars: Optional[list[int]] = None  # per native label, for "N stars" sets
+    stars: list[int] | None = None  # per native label, for "N stars" sets
 
     @property
     def matrix(self) -> np.ndarray:
@@ -39,10 +39,10 @@ class LabelMap:
         return m
 
     def as_dict(self) -> dict:
-        return {label: POLARITIES[p] for label, p in zip(self.labels, self.polarity)}
+        return {label: POLARITIES[p] for label, p in zip(self.labels, self.polarity, strict=True)}
 
 
-def map_labels(labels: list[str], override: Optional[dict] = None, who: str = "model") -> LabelMap:
+def map_labels(labels: list[str], override: dict | None = None, who: str = "model") -> LabelMap:
     """Recognise a label set (POS/NEG/NEU, positive/negative/neutral in any case, "N stars") and
     map it onto polarities; `override` ({label: polarity}) wins over recognition."""
     override = dict(override or {})
@@ -68,7 +68,7 @@ def map_labels(labels: list[str], override: Optional[dict] = None, who: str = "m
         stars.append(int(match.group(1)) if match else None)
     if None in polarity or NEG not in polarity or POS not in polarity:
         example = {lb: POLARITIES[p] if p is not None else "negative|neutral|positive"
-                   for lb, p in zip(labels, polarity)}
+                   for lb, p in zip(labels, polarity, strict=True)}
         flow = ", ".join(f"{k}: {v}" for k, v in example.items())
         raise RecipeError(f"{who}: cannot map labels {labels} onto negative/neutral/positive; map them "
                           f"in the recipe, e.g. label_maps={{'{who}': {{{flow}}}}}")
@@ -166,7 +166,7 @@ def length_buckets(texts: list[str], correct: np.ndarray) -> list[dict]:
     words = np.fromiter((len(t.split()) for t in texts), dtype=np.int64, count=len(texts))
     edges = list(LENGTH_EDGES) + [None]
     out = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in pairwise(edges):
         inside = (words > lo) & ((words <= hi) if hi is not None else True)
         n = int(inside.sum())
         if n:

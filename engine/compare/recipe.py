@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from engine.compare.polarity import POLARITIES
 from engine.config import DataConfig
@@ -21,7 +21,7 @@ SEED_MODELS = ["finiteautomata/bertweet-base-sentiment-analysis", "ProsusAI/finb
 @dataclass
 class Phrase:
     text: str = ""
-    expected: Optional[Literal["negative", "neutral", "positive"]] = None  # neutral: ambiguous
+    expected: Literal["negative", "neutral", "positive"] | None = None  # neutral: ambiguous
 
     def check(self, where: str) -> None:
         if not self.text.strip():
@@ -44,8 +44,8 @@ class CompareData(DataConfig):
     The temperature is fitted on `val_split`, or on `val_size` examples carved out of the scored
     split before scoring (disjoint from them).
     """
-    name: Optional[str] = None  # shown in tables and file names (default: the source's folder name)
-    val_split: Optional[str] = None
+    name: str | None = None  # shown in tables and file names (default: the source's folder name)
+    val_split: str | None = None
     val_size: int = 200  # 0: no temperature scaling
 
     def check(self, where: str) -> None:
@@ -72,13 +72,13 @@ class CompareRecipe:
     # per model (as written in `models`, or "*" for all): {label: negative|neutral|positive}
     label_maps: dict[str, Any] = field(default_factory=dict)
     phrases: list[Phrase] = field(default_factory=lambda: [dataclasses.replace(p) for p in SEED_PHRASES])
-    phrases_file: Optional[str] = None  # csv/tsv/jsonl with `text` (+ optional `expected`), or .txt lines
+    phrases_file: str | None = None  # csv/tsv/jsonl with `text` (+ optional `expected`), or .txt lines
     datasets: list[CompareData] = field(default_factory=list)
     abstain_threshold: float = 0.6  # abstain when the winning polarity's probability is below this
     calibration_bins: int = 10
     batch_size: int = 32
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    num_threads: Optional[int] = None  # torch threads (default: torch's choice)
+    num_threads: int | None = None  # torch threads (default: torch's choice)
     trust_remote_code: bool = False
 
     def check(self, where: str) -> None:

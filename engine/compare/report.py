@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -93,7 +92,7 @@ def phrase_table(report: dict) -> str:
         table = [PHRASE_HEADER] + rows
         width = [max(len(r[i]) for r in table) for i in range(len(PHRASE_HEADER))]
         lines = [f'"{p["text"]}"  (expected: {p["expected"] or "-"})']
-        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip() for r in table]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, width, strict=True)).rstrip() for r in table]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
@@ -204,7 +203,7 @@ def _dataset_md(models: list[dict], d: dict) -> list[str]:
     return md
 
 
-def format_params(n: Optional[int]) -> str:
+def format_params(n: int | None) -> str:
     if not n:
         return "-"
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
@@ -298,7 +297,7 @@ def _plot_reliability(plt, d: dict, names: list[str], colors: dict, out: Path) -
             pts = [(b["confidence"], b["accuracy"]) for b in bins if b["n"]]
             if not pts:
                 continue
-            ax.plot(*zip(*pts), marker="o", ms=3, lw=1.2, color=colors[n], label=n)
+            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, lw=1.2, color=colors[n], label=n)
         ax.set_xlim(0, 1.02)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("confidence", fontsize=8)
@@ -317,7 +316,7 @@ def _plot_reliability(plt, d: dict, names: list[str], colors: dict, out: Path) -
 def _plot_lengths(plt, datasets: list[dict], names: list[str], colors: dict, out: Path) -> str:
     k = len(datasets)
     fig, axes = plt.subplots(1, k, figsize=(3.2 * k, 3.0), sharey=True, squeeze=False)
-    for ax, d in zip(axes[0], datasets):
+    for ax, d in zip(axes[0], datasets, strict=True):
         for n in names:
             b = d["results"][n]["length_buckets"]
             ax.plot([x["words"] for x in b], [x["accuracy"] for x in b], marker="o", ms=3,

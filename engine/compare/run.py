@@ -10,13 +10,23 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
+import torch
 
 from engine.compare.inputs import EvalSet, load_eval_set, load_phrases
-from engine.compare.polarity import (NEU, POLARITIES, LabelMap, collapse, entropy_bits, fit_temperature,
-                                     length_buckets, map_labels, polarity_metrics, verdict)
+from engine.compare.polarity import (
+    NEU,
+    POLARITIES,
+    LabelMap,
+    collapse,
+    entropy_bits,
+    fit_temperature,
+    length_buckets,
+    map_labels,
+    polarity_metrics,
+    verdict,
+)
 from engine.compare.recipe import CompareRecipe
 from engine.compare.report import format_params, summarise, write_plots, write_reports
 from engine.compare.scorers import Scorer, labels_of, load_scorer, own_scores
@@ -29,8 +39,8 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def phrase_result(native: np.ndarray, lm: LabelMap, threshold: float, score: Optional[float],
-                  expected: Optional[str]) -> dict:
+def phrase_result(native: np.ndarray, lm: LabelMap, threshold: float, score: float | None,
+                  expected: str | None) -> dict:
     pol = collapse(native[None], lm)[0]
     order = np.argsort(-native)
     top, second = int(order[0]), int(order[1]) if len(order) > 1 else int(order[0])
@@ -45,7 +55,7 @@ def phrase_result(native: np.ndarray, lm: LabelMap, threshold: float, score: Opt
         matches = v == expected
     pol_sorted = np.sort(pol)[::-1]
     return {
-        "distribution": {label: float(p) for label, p in zip(lm.labels, native)},
+        "distribution": {label: float(p) for label, p in zip(lm.labels, native, strict=True)},
         "top_label": lm.labels[top], "top_probability": float(native[top]),
         "margin": float(native[top] - native[second]),
         "entropy_bits": h, "entropy_normalised": h / math.log2(len(native)),
@@ -87,8 +97,6 @@ def _filled(bins: list[dict]) -> list[dict]:
 
 def compare(recipe: CompareRecipe) -> dict:
     """Score every model on every phrase and dataset; write report.json, report.md and plots."""
-    import torch
-
     started, load_before = time.perf_counter(), _load_average()
     if recipe.num_threads:
         torch.set_num_threads(recipe.num_threads)
@@ -146,9 +154,9 @@ def score_model(spec: str, lm: LabelMap, recipe: CompareRecipe, phrases: list, e
         texts = [p.text for p in phrases]
         native = softmax(scorer.logits(texts, 512, None).astype(np.float64))
         scores = own_scores(scorer, lm, texts, native)
-        for row, p, n, s in zip(phrase_rows, phrases, native, scores):
+        for row, p, n, s in zip(phrase_rows, phrases, native, scores, strict=True):
             row["results"][scorer.name] = phrase_result(n, lm, recipe.abstain_threshold, s, p.expected)
-    for row, ev in zip(data_rows, evals):
+    for row, ev in zip(data_rows, evals, strict=True):
         _log(f"model {scorer.name}: scoring {ev.name} ({len(ev.test.texts)} + "
              f"{row['n_val']} for the temperature)")
         row["results"][scorer.name] = dataset_result(scorer, lm, ev, recipe.calibration_bins)
@@ -160,7 +168,7 @@ def score_model(spec: str, lm: LabelMap, recipe: CompareRecipe, phrases: list, e
     return entry
 
 
-def _load_average() -> Optional[float]:
+def _load_average() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):

@@ -5,16 +5,20 @@ Each gives native logits over its own label names; engine.compare.polarity maps 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from engine import data as data_lib
+from engine import batching, modeling
 from engine.compare.polarity import POLARITIES, LabelMap
 from engine.compare.recipe import VADER, CompareRecipe
 from engine.config import ModelConfig
-from engine.data import Examples
+from engine.distributed import Dist
 from engine.errors import ModelError
+from engine.evaluation import predict
+from engine.precision import Precision
+from engine.sources import Examples
 
 # VADER's authors call a compound score >= 0.05 positive, <= -0.05 negative, neutral in between.
 # Logits scale * (-c, 0.05, c) keep exactly that decision under softmax; the scale only sets how
@@ -39,9 +43,9 @@ class Scorer:
     spec: str
     labels: list[str]
     kind: str
-    params: Optional[int] = None
+    params: int | None = None
 
-    def logits(self, texts: list[str], max_length: int, cache_dir: Optional[str]) -> np.ndarray:
+    def logits(self, texts: list[str], max_length: int, cache_dir: str | None) -> np.ndarray:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -68,13 +72,6 @@ class TransformersScorer(Scorer):
     kind = "transformers"
 
     def __init__(self, spec: str, recipe: CompareRecipe):
-        import torch
-        from transformers import AutoModelForSequenceClassification
-
-        from engine import modeling
-        from engine.distributed import Dist
-        from engine.precision import Precision
-
         cfg = ModelConfig(name_or_path=spec, trust_remote_code=recipe.trust_remote_code)
         self.spec, self.name = spec, display_name(spec)
         self.tokenizer = modeling.load_tokenizer(cfg)
@@ -100,12 +97,10 @@ class TransformersScorer(Scorer):
         self.max_length_limit = limit if isinstance(limit, int) and limit < 100_000 else None
 
     def logits(self, texts, max_length, cache_dir=None) -> np.ndarray:
-        from engine.evaluation import predict
-
         if self.max_length_limit:  # e.g. BERTweet reads 128 tokens at most
             max_length = min(max_length, self.max_length_limit)
         examples = Examples(list(texts), np.zeros(len(texts), dtype=np.int64), "texts")
-        tokens = data_lib.tokenize(examples, self.tokenizer, max_length, cache_dir)
+        tokens = batching.tokenize(examples, self.tokenizer, max_length, cache_dir)
         return predict(self.model, tokens, self.batch_size, self.precision, self.dist,
                        self.tokenizer.pad_token_id, self.tokenizer.padding_side == "left")
 
@@ -134,10 +129,6 @@ def labels_of(spec: str, recipe: CompareRecipe) -> list[str]:
     if spec.lower() == VADER:
         vader_analyzer_class()  # not installed: say so before minutes of scoring other models
         return list(POLARITIES)
-    from transformers import AutoConfig
-
-    from engine import modeling
-
     cfg = ModelConfig(name_or_path=spec, trust_remote_code=recipe.trust_remote_code)
     config = modeling.load_pretrained("config", AutoConfig.from_pretrained, cfg)
     return [config.id2label[i] for i in range(config.num_labels)]

@@ -8,10 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, run_torchrun, tiny_overrides
+from engine.batching import eval_batches
 from engine.config import DataConfig
-from engine.data import eval_batches
 from engine.evaluation import evaluate_pretrained
-
 
 EVAL_BATCH = 5  # 33 eval examples -> 7 batches: rank 0 scores 4, rank 1 scores 3
 

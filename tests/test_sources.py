@@ -1,11 +1,12 @@
+"""Reading splits from every kind of source, label ids and class names, seeded subsets, bad data."""
 import numpy as np
 import pandas as pd
 import pytest
 
 import tiny
 from engine.config import DataConfig
-from engine.data import Examples, collate, eval_batches, load_splits, stratified_subset, tokenize, train_steps
 from engine.errors import DataError
+from engine.sources import load_splits, stratified_subset
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "tsv", "jsonl"])
@@ -24,7 +25,7 @@ def test_aclimdb_layout(tmp_path):
             for i in range(n):
                 (tmp_path / split / sub / f"{i}_7.txt").write_text(f"{sub} review {i}")
     s = load_splits(DataConfig(source=str(tmp_path)), seed=0)
-    assert sorted(zip(s.train.texts, s.train.labels.tolist()))[0] == ("neg review 0", 0)
+    assert sorted(zip(s.train.texts, s.train.labels.tolist(), strict=True))[0] == ("neg review 0", 0)
     assert s.label_names == ["neg", "pos"] and s.train.labels.sum() == 3
 
 
@@ -72,7 +73,8 @@ def test_rename_columns_refuses_a_clash(tmp_path):
 
 def test_holdout_is_disjoint_from_train(tmp_path):
     f = tmp_path / "all.csv"
-    pd.DataFrame({"text": [f"review number {i}" for i in range(100)], "label": [i % 2 for i in range(100)]}).to_csv(f, index=False)
+    frame = pd.DataFrame({"text": [f"review number {i}" for i in range(100)], "label": [i % 2 for i in range(100)]})
+    frame.to_csv(f, index=False)
     s = load_splits(DataConfig(source=str(f), eval_split=None, holdout_size=30, train_size=50), seed=1)
     assert len(s.eval.texts) == 30 and len(s.train.texts) == 50
     assert not set(s.eval.texts) & set(s.train.texts)
@@ -145,77 +147,6 @@ def test_empty_split(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\n")
     with pytest.raises(DataError, match="split 'train' is empty"):
         load_splits(DataConfig(source=str(tmp_path), eval_split="train"), 0)
-
-
-# ---- batching -----------------------------------------------------------------------------------
-
-def _lengths(n=400, seed=0):
-    return np.random.default_rng(seed).integers(5, 300, size=n)
-
-
-def test_one_process_and_two_ranks_see_the_same_examples_per_step():
-    lengths = _lengths()
-    single = train_steps(lengths, batch_size=8, grad_accum=2, epoch=0, seed=1, world=1, rank=0)
-    r0 = train_steps(lengths, batch_size=4, grad_accum=2, epoch=0, seed=1, world=2, rank=0)
-    r1 = train_steps(lengths, batch_size=4, grad_accum=2, epoch=0, seed=1, world=2, rank=1)
-    # global step size 16 in both: same steps, same examples, ranks disjoint
-    assert len(single) == len(r0) == len(r1) == 400 // 16
-    for s, a, b in zip(single, r0, r1):
-        mine = np.concatenate(a), np.concatenate(b)
-        assert not set(mine[0].tolist()) & set(mine[1].tolist())
-        assert sorted(np.concatenate(s).tolist()) == sorted(np.concatenate(mine).tolist())
-
-
-def test_epochs_reshuffle_and_drop_only_the_incomplete_step():
-    lengths = _lengths(100)
-    e0 = np.concatenate([np.concatenate(m) for m in train_steps(lengths, 8, 1, epoch=0, seed=1)])
-    e1 = np.concatenate([np.concatenate(m) for m in train_steps(lengths, 8, 1, epoch=1, seed=1)])
-    assert len(e0) == len(set(e0.tolist())) == 96
-    assert e0.tolist() != e1.tolist()
-
-
-def test_length_grouping_cuts_padding():
-    lengths = _lengths(2000)
-
-    def padding(group):
-        plan = train_steps(lengths, 16, 1, epoch=0, seed=0, group_by_length=group)
-        padded = sum(len(b) * lengths[b].max() for m in plan for b in m)
-        return 1 - lengths[np.concatenate([b for m in plan for b in m])].sum() / padded
-
-    assert padding(True) < 0.1 < padding(False)
-
-
-def test_eval_batches_cover_every_example_once_across_ranks():
-    lengths = _lengths(101)
-    got = np.concatenate([np.concatenate(eval_batches(lengths, 8, world=3, rank=r)) for r in range(3)])
-    assert sorted(got.tolist()) == list(range(101))
-
-
-def test_collate_pads_right_or_left():
-    from engine.data import Tokenized
-    data = Tokenized([np.array([5, 6, 7], np.int32), np.array([9], np.int32)], np.array([1, 0]))
-    b = collate(data, np.array([0, 1]), pad_id=0, multiple_of=4)
-    assert b["input_ids"].tolist() == [[5, 6, 7, 0], [9, 0, 0, 0]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
-    b = collate(data, np.array([0, 1]), pad_id=0, pad_left=True, multiple_of=1)
-    assert b["input_ids"].tolist() == [[5, 6, 7], [0, 0, 9]] and b["labels"].tolist() == [1, 0]
-
-
-def test_tokenize_is_cached(tmp_path):
-    tok = tiny.make_tokenizer()
-    ex = Examples(["good movie", "bad film indeed"], np.array([1, 0]), "x")
-    first = tokenize(ex, tok, 16, str(tmp_path))
-    assert len(list(tmp_path.glob("*.npz"))) == 1
-    calls = []
-    tok_call = tok.__class__.__call__
-    tok.__class__.__call__ = lambda self, *a, **k: calls.append(1) or tok_call(self, *a, **k)
-    try:
-        second = tokenize(ex, tok, 16, str(tmp_path))
-    finally:
-        tok.__class__.__call__ = tok_call
-    assert calls == []  # served from the cache
-    assert [x.tolist() for x in first.ids] == [x.tolist() for x in second.ids]
-    assert tokenize(ex, tok, 2, str(tmp_path)).ids[1].tolist() != first.ids[1].tolist()  # max_length is in the key
 
 
 MODEL_NAMES = ["negative", "positive"]
