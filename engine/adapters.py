@@ -96,15 +96,14 @@ def lora_config(model: nn.Module, recipe: Recipe):
 # Building the model that trains
 
 
-def quantization_config(precision: str, strategy: str, head: list[str]):
+def quantization_config(precision: str, head: list[str], dist):
     from transformers import BitsAndBytesConfig
 
     compute = COMPUTE_DTYPES[precision]
     extra = {}
-    if strategy == "fsdp":
-        # FSDP shards and casts floating-point parameters only: store the packed 4-bit data in the
-        # dtype FSDP computes in, so sharding and its mixed-precision cast leave the bits intact
-        extra["bnb_4bit_quant_storage"] = compute
+    storage = dist.packed_weight_dtype(compute)  # what the strategy needs the packed 4-bit data in
+    if storage is not None:
+        extra["bnb_4bit_quant_storage"] = storage
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
@@ -112,7 +111,7 @@ def quantization_config(precision: str, strategy: str, head: list[str]):
         llm_int8_skip_modules=head, **extra)
 
 
-def load_quantized(folder: str | Path, recipe: Recipe, head: list[str], device: torch.device):
+def load_quantized(folder: str | Path, recipe: Recipe, head: list[str], dist):
     """The classifier saved in `folder` (base/), its linear layers quantised to 4-bit NF4."""
     try:
         import bitsandbytes as bnb
@@ -120,11 +119,11 @@ def load_quantized(folder: str | Path, recipe: Recipe, head: list[str], device: 
         raise AdapterError("peft.method=qlora needs bitsandbytes: pip install bitsandbytes") from None
     mcfg = dataclasses.replace(recipe.model, name_or_path=str(folder), revision=None)
     model = modeling.load_model(
-        mcfg, quantization_config=quantization_config(recipe.train.precision, recipe.distributed.strategy, head),
-        dtype=torch.float32, device_map={"": device})
+        mcfg, quantization_config=quantization_config(recipe.train.precision, head, dist),
+        dtype=torch.float32, device_map={"": dist.device})
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            if device.type == "cpu" and module.in_features % NF4_BLOCK:
+            if dist.device.type == "cpu" and module.in_features % NF4_BLOCK:
                 raise AdapterError(f"{recipe.model.name_or_path}: layer '{name}' has {module.in_features} "
                                    f"inputs; bitsandbytes' CPU 4-bit kernels need a multiple of {NF4_BLOCK}")
             # with this set, an eval forward on an AVX512-BF16 CPU repacks the weight in place into
@@ -146,7 +145,7 @@ def attach(model: nn.Module, recipe: Recipe, base_dir: str | Path, dist) -> nn.M
     head = head_modules(model)
     if method == "qlora":
         dist.barrier()
-        model = load_quantized(base_dir, recipe, head, dist.device)
+        model = load_quantized(base_dir, recipe, head, dist)
         # freezes the body and keeps the non-quantised weights in fp32; checkpointing is the
         # recipe's choice (train.activation_checkpointing), made on this new model like the first
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -91,16 +91,13 @@ def checkpoint_dirs(out_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
 
 
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _flatten(model_sd: dict, optim_sd: dict):
-    """Tensors keyed for safetensors, and the optimizer's non-tensor parts for JSON."""
-    tensors = {f"model/{k}": _local(v) for k, v in model_sd.items()}
+def _flatten(model_sd: dict, optim_sd: dict, dist):
+    """Tensors keyed for safetensors (this rank's part of sharded ones), and the optimizer's
+    non-tensor parts for JSON."""
+    tensors = {f"model/{k}": dist.local_tensor(v) for k, v in model_sd.items()}
     for fqn, state in optim_sd["state"].items():
         for name, v in state.items():
-            tensors[f"optim/{fqn}/{name}"] = _local(v)
+            tensors[f"optim/{fqn}/{name}"] = dist.local_tensor(v)
     return tensors, optim_sd["param_groups"]
 
 
@@ -113,8 +110,8 @@ def save_training_state(out_dir: str | Path, step: int, model, optimizer, schedu
     final = Path(out_dir) / CHECKPOINTS / f"{STEP_PREFIX}{step}"
     tmp = Path(dist.broadcast_object(str(atomic_dir(final)) if dist.is_main else None))
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    tensors, groups = _flatten(model_sd, optim_sd)
-    sharded = dist.strategy == "fsdp"
+    tensors, groups = _flatten(model_sd, optim_sd, dist)
+    sharded = dist.shards_state
     if sharded or dist.is_main:
         # contiguous copies: safetensors refuses views and tensors that share memory (tied weights)
         save_file({k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()},
@@ -164,7 +161,7 @@ def load_training_state(folder: str | Path, model, optimizer, scheduler, precisi
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{shard}: corrupt or truncated ({' '.join(str(e).split())[:160]})") from None
     model_sd, optim_sd = get_state_dict(model, optimizer)  # templates; also creates Adam's state
-    expected, _ = _flatten(model_sd, optim_sd)
+    expected, _ = _flatten(model_sd, optim_sd, dist)
     missing = sorted(set(expected) - set(tensors))
     if missing or any(tensors[k].shape != v.shape for k, v in expected.items()):
         bad = missing[0] if missing else next(k for k, v in expected.items() if tensors[k].shape != v.shape)

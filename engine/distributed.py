@@ -1,8 +1,14 @@
 """Process group, DDP / FSDP2 / hybrid wrapping, gradient-sync control and full-state gathering.
 
-Everything that differs between strategies lives here; the loop asks `Dist` the same questions
-whatever the strategy (am I the main rank, skip gradient sync for this micro-batch, sum this
-tensor over ranks, give me the full weights), so there is one loop for all of them.
+Everything that differs between strategies lives here, on `Dist`: the loop, evaluation, checkpoints
+and adapters ask it the same questions whatever the strategy (am I the main rank, skip gradient sync
+for this micro-batch, sum this tensor over ranks, give me the full weights, does each rank save its
+own shard, which module runs an eval forward), so no other module tests `strategy`.
+
+`world` and `rank` count processes (the main rank, gathering objects, one file per rank);
+`dp_world` and `dp_rank` the data-parallel axis (which examples a rank sees, the global batch, the
+loss normalisation). Every strategy here is purely data-parallel, so the two agree today; a tensor-
+or sequence-parallel axis would make `dp_world` a divisor of `world`.
 """
 from __future__ import annotations
 
@@ -10,7 +16,6 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as tdist
@@ -35,7 +40,7 @@ class Dist:
     local_rank: int = 0
     local_world: int = 1
     device: torch.device = torch.device("cpu")
-    cfg: Optional[DistributedConfig] = None
+    cfg: DistributedConfig | None = None
     mesh: object = None
 
     @property
@@ -45,6 +50,53 @@ class Dist:
     @property
     def active(self) -> bool:
         return tdist.is_available() and tdist.is_initialized()
+
+    # ---- the data-parallel axis -----------------------------------------------------------
+    @property
+    def dp_world(self) -> int:
+        """How many ranks see different examples (DDP, FSDP and hybrid FSDP: all of them)."""
+        return self.world
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank
+
+    # ---- what the strategy changes for the rest of the engine ----------------------------
+    @property
+    def shards_state(self) -> bool:
+        """Each rank holds only its shard of the weights and optimizer state (FSDP): each saves its own."""
+        return self.strategy == "fsdp"
+
+    @staticmethod
+    def local_tensor(t: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a sharded (DTensor) value; a plain tensor as it is."""
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    @staticmethod
+    def full_tensor(t: torch.Tensor) -> torch.Tensor:
+        """The whole of a sharded (DTensor) value, e.g. the norm of sharded gradients; a plain tensor as it is."""
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    def eval_module(self, model: nn.Module) -> nn.Module:
+        """What an eval forward calls: DDP's wrapper adds nothing there; FSDP's forward gathers the
+        shards, so it must be called."""
+        return self.unwrap(model) if self.strategy == "ddp" else model
+
+    def no_autograd(self):
+        """inference_mode: no graph, no version counters; FSDP2's forward breaks under it (its
+        all-gathered parameters become inference tensors it later writes to), so no_grad there."""
+        return torch.no_grad() if self.strategy == "fsdp" else torch.inference_mode()
+
+    def forward_casts_weights(self, precision_dtype: torch.dtype | None) -> bool:
+        """Forward runs on low-precision copies of the weights (FSDP's mixed precision), so scores
+        taken while training are not those of the fp32 weights that are saved."""
+        return self.strategy == "fsdp" and precision_dtype is not None
+
+    def packed_weight_dtype(self, compute_dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype to store packed (4-bit) weights in, None for the library's default. FSDP shards
+        and casts floating-point parameters only: stored in the dtype FSDP computes in, sharding and
+        its mixed-precision cast leave the bits intact."""
+        return compute_dtype if self.strategy == "fsdp" else None
 
     # ---- collectives (no-ops on one process) --------------------------------------------
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -71,7 +123,7 @@ class Dist:
             tdist.barrier()
 
     # ---- wrapping ------------------------------------------------------------------------
-    def wrap(self, model: nn.Module, precision_dtype: Optional[torch.dtype]) -> nn.Module:
+    def wrap(self, model: nn.Module, precision_dtype: torch.dtype | None) -> nn.Module:
         """Wrap for the strategy. Build the optimizer after this: FSDP replaces the parameters."""
         model.to(self.device)
         if self.strategy == "ddp":
@@ -160,7 +212,7 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
     return tdist.PrefixStore(f"engine/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def init(cfg: DistributedConfig, num_threads: Optional[int] = None) -> Dist:
+def init(cfg: DistributedConfig, num_threads: int | None = None) -> Dist:
     """Join torchrun's process group (or a one-process group when a strategy runs without it)."""
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.strategy == "none" and env_world > 1:

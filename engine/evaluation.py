@@ -12,38 +12,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import torch
 
 from engine.batching import Tokenized, collate, eval_batches, model_inputs
 from engine.metrics import classification_metrics
 from engine.paths import user_cache_dir
 
 
-def no_autograd(strategy: str):
-    """inference_mode: no graph, no version counters; FSDP2's forward breaks under it (its
-    all-gathered parameters become inference tensors it later writes to), so no_grad there."""
-    return torch.no_grad() if strategy == "fsdp" else torch.inference_mode()
-
-
 def predict(model, data: Tokenized, batch_size: int, precision, dist, pad_id: int,
             pad_left: bool = False) -> np.ndarray:
     """Logits for every example, in dataset order, on every rank."""
-    with no_autograd(dist.strategy):
+    with dist.no_autograd():
         return _predict(model, data, batch_size, precision, dist, pad_id, pad_left)
 
 
 def _predict(model, data: Tokenized, batch_size: int, precision, dist, pad_id: int, pad_left: bool) -> np.ndarray:
     was_training = model.training
     model.eval()
-    # DDP's forward adds nothing at eval; FSDP's forward gathers the shards, so it must be called
-    forward = dist.unwrap(model) if dist.strategy == "ddp" else model
-    mine = eval_batches(data.lengths, batch_size, dist.world, dist.rank)
+    forward = dist.eval_module(model)
+    mine = eval_batches(data.lengths, batch_size, dist.dp_world, dist.dp_rank)
     total = -(-len(data) // batch_size)
-    rounds = -(-total // dist.world)  # FSDP needs every rank to run the same number of forwards
+    rounds = -(-total // dist.dp_world)  # FSDP needs every rank to run the same number of forwards
     indices, chunks = [], []
     for r in range(rounds):
         idx = mine[r] if r < len(mine) else np.arange(1)  # a spare forward, thrown away

@@ -7,8 +7,8 @@ distributed.py, engine/adapters.py), never these lines.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,19 +19,17 @@ from engine.errors import StopTraining
 from engine.metrics import Throughput
 
 
-def total_steps(n_examples: int, cfg: TrainConfig, world: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, steps the run takes)."""
-    per_epoch = n_examples // (cfg.batch_size * cfg.grad_accum * world)
+def total_steps(n_examples: int, cfg: TrainConfig, dp_world: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps the run takes) over `dp_world` data-parallel ranks."""
+    per_epoch = n_examples // (cfg.batch_size * cfg.grad_accum * dp_world)
     steps = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
     return per_epoch, steps
 
 
-def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float, dist) -> torch.Tensor:
     """Total gradient norm over all ranks' shards; clip to max_norm when max_norm > 0."""
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
-    if hasattr(norm, "full_tensor"):  # FSDP: the norm of sharded grads is itself sharded
-        norm = norm.full_tensor()
+    norm = dist.full_tensor(torch.nn.utils.get_total_norm(grads))  # FSDP: sharded grads, sharded norm
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
@@ -47,7 +45,7 @@ class LoopState:
     skipped_steps: int = 0  # fp16 steps the scaler skipped for inf/NaN gradients
     window: list = field(default_factory=lambda: [0.0, 0.0])  # loss sum, examples since last log
     evals: list = field(default_factory=list)  # {"step", "epoch", **metrics}
-    best: Optional[dict] = None  # the eval kept as tuned/ (keep_best)
+    best: dict | None = None  # the eval kept as tuned/ (keep_best)
 
 
 @dataclass
@@ -64,7 +62,7 @@ def forward_backward(model, micro: list[dict], precision, dist, window: torch.Te
 
     Adds each micro-batch's loss sum and example count to `window` (on the device: no sync per step).
     """
-    examples = sum(len(b["labels"]) for b in micro) * dist.world  # in the whole global step
+    examples = sum(len(b["labels"]) for b in micro) * dist.dp_world  # in the whole global step
     for m, batch in enumerate(micro):
         labels = batch["labels"].to(dist.device, non_blocking=True)
         with dist.grad_sync(model, sync=m == len(micro) - 1):
@@ -72,8 +70,8 @@ def forward_backward(model, micro: list[dict], precision, dist, window: torch.Te
                 logits = model(**model_inputs(batch, dist.device)).logits
             loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
             # sum over every example of the global step / their count; DDP and FSDP
-            # average gradients over ranks, hence the factor world
-            precision.backward(loss_sum * (dist.world / examples))
+            # average gradients over the data-parallel ranks, hence the factor dp_world
+            precision.backward(loss_sum * (dist.dp_world / examples))
         window[0] += loss_sum.detach()
         window[1] += len(labels)
 
@@ -83,7 +81,7 @@ def train_step(model, optimizer, scheduler, micro: list[dict], params: list[torc
     """One optimizer step: micro-batches, loss, backward, clip, step, schedule. Returns the grad norm."""
     forward_backward(model, micro, precision, dist, window)
     precision.unscale(optimizer)
-    norm = grad_norm_and_clip(params, cfg.max_grad_norm)
+    norm = grad_norm_and_clip(params, cfg.max_grad_norm, dist)
     # the norm is global (all ranks' gradients), so every rank takes the same branch;
     # fp16's scaler skips such steps itself
     if precision.scaler is None and not torch.isfinite(norm):
@@ -128,7 +126,7 @@ class Bookkeeping:
             raise StopTraining(f"stopped by a signal at step {state.step}")
 
     def log(self, norm: torch.Tensor, lr: float) -> None:
-        state, world = self.state, self.dist.world
+        state, world = self.state, self.dist.dp_world  # each data-parallel rank counts its own examples
         totals = self.dist.all_reduce_sum(self.window.clone())
         state.final_loss = float(totals[0] / max(totals[1], 1))
         rate = self.clock.summary()
@@ -183,17 +181,17 @@ class Bookkeeping:
 
 def train(model, optimizer, scheduler, data: Tokenized, cfg: TrainConfig, precision, dist, *,
           seed: int, pad_id: int, pad_left: bool, hooks: Hooks, tracker, checkpoint_every: int = 0,
-          state: Optional[LoopState] = None) -> tuple[LoopState, dict]:
+          state: LoopState | None = None) -> tuple[LoopState, dict]:
     """Train to the end (or a stop); returns the final state and the throughput summary."""
-    steps_per_epoch, n_steps = total_steps(len(data), cfg, dist.world)
+    steps_per_epoch, n_steps = total_steps(len(data), cfg, dist.dp_world)
     params = [p for p in model.parameters() if p.requires_grad]
     state = state or LoopState()
     books = Bookkeeping(state, cfg, dist, hooks, tracker, checkpoint_every)
     model.train()
     books.clock.start()
     while state.step < n_steps:
-        plan = train_steps(data.lengths, cfg.batch_size, cfg.grad_accum, state.epoch, seed, dist.world,
-                           dist.rank, cfg.group_by_length)
+        plan = train_steps(data.lengths, cfg.batch_size, cfg.grad_accum, state.epoch, seed, dist.dp_world,
+                           dist.dp_rank, cfg.group_by_length)
         epoch_len = len(plan)
         plan = plan[state.step_in_epoch: state.step_in_epoch + n_steps - state.step]
         batches = prefetch([collate(data, idx, pad_id, pad_left) for idx in micro] for micro in plan)

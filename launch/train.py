@@ -19,7 +19,8 @@ def main() -> int:
 
     # the engine loads only now, after argparse: --help and usage errors answer without importing torch
     from engine.config import load_recipe
-    from engine.finetune import finetune, summary_table
+    from engine.finetune import finetune
+    from engine.report import summary_table
 
     recipe = load_recipe(args.recipe, args.overrides)
     report = finetune(recipe, overwrite=args.overwrite, resume=args.resume)

@@ -12,6 +12,7 @@ import tiny
 from conftest import faults, run_cli, run_torchrun, tiny_overrides
 from engine import adapters, loop
 from engine.config import load_recipe
+from engine.distributed import Dist
 from engine.errors import RecipeError
 from engine.finetune import finetune
 
@@ -206,11 +207,11 @@ def test_qlora_metrics_are_those_of_the_snapshots(qlora_runs, data):
 def test_quantization_config_follows_precision_and_strategy():
     head = ["pre_classifier", "classifier"]
     for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
-        q = adapters.quantization_config(precision, "none", head)
+        q = adapters.quantization_config(precision, head, Dist())
         assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant) == (True, "nf4", True)
         assert q.bnb_4bit_compute_dtype == dtype and q.llm_int8_skip_modules == head
         assert q.bnb_4bit_quant_storage == torch.uint8
-        assert adapters.quantization_config(precision, "fsdp", head).bnb_4bit_quant_storage == dtype
+        assert adapters.quantization_config(precision, head, Dist(strategy="fsdp")).bnb_4bit_quant_storage == dtype
 
 
 def test_defaults_per_architecture_and_all_linear_keeps_the_head_whole(wide):

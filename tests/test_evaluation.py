@@ -10,7 +10,7 @@ from engine import evaluation, modeling
 from engine.batching import Tokenized
 from engine.config import ModelConfig
 from engine.distributed import Dist
-from engine.evaluation import no_autograd, predict
+from engine.evaluation import predict
 from engine.precision import Precision
 
 
@@ -62,7 +62,7 @@ def test_predict_builds_no_graph(tiny_bert):
 
 def test_fsdp_evaluates_under_no_grad_not_inference_mode():
     # FSDP2's forward writes to its all-gathered parameters, which inference mode forbids
-    with no_autograd("fsdp"):
+    with Dist(strategy="fsdp").no_autograd():
         assert not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
-    with no_autograd("ddp"):
+    with Dist(strategy="ddp").no_autograd():
         assert torch.is_inference_mode_enabled()

@@ -1,0 +1,135 @@
+"""What a finished run reports: `metrics.json` (written last: its presence means the run finished),
+the TensorBoard hparams, and the terminal summary `launch/train.py` prints."""
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine import checkpoint
+from engine.config import to_dict
+
+if TYPE_CHECKING:
+    from engine.finetune import Run, RunData
+    from engine.loop import LoopState
+
+SLIM = ("accuracy", "f1", "loss", "ece", "n")
+
+
+@dataclass
+class Scores:
+    """The reported figures: base/ and tuned/ as saved (on test with data.test_split), and the scores
+    taken as they trained (the same ones unless the snapshots were scored again)."""
+    base: dict
+    tuned: dict
+    as_trained: dict  # {"base": ..., "tuned": ...}
+    rescored: bool  # QLoRA, or FSDP mixed precision: the training-time scores are not the saved weights'
+    base_reused: bool  # an earlier run (or the checkpoint resumed from) scored this base
+
+
+@dataclass
+class Trained:
+    """What the loop and the exports left."""
+    state: LoopState
+    throughput: dict
+    peak: dict  # peak_memory_mb (the largest rank), peak_memory_of
+    chosen: dict  # the eval kept as tuned/: step, epoch, metrics
+    tuned_sha256: str
+    exported: dict | None  # adapters.export's facts (LoRA / QLoRA), else None
+
+
+def peak_memory(device: torch.device) -> dict:
+    """This process's peak memory so far: allocated on the GPU, or resident (max RSS) on CPU."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+                "peak_memory_of": "cuda max_memory_allocated"}
+    # ru_maxrss is in KiB on Linux; it covers the whole process, loading included
+    return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, 1),
+            "peak_memory_of": "process max RSS"}
+
+
+def build(run: Run, data: RunData, scores: Scores, trained: Trained, counts: dict, attention: str) -> dict:
+    """metrics.json's content (main rank)."""
+    out, state, splits = run.out, trained.state, data.splits
+    report = {
+        "base": {**scores.base, "sha256": checkpoint.file_sha256(out / "base" / checkpoint.WEIGHTS),
+                 "path": str(out / "base"),
+                 # true: this base, eval set and settings were scored by an earlier run (or the
+                 # checkpoint resumed from), and that score is reused instead of scoring again
+                 "score_reused": scores.base_reused},
+        "tuned": {**scores.tuned, "sha256": trained.tuned_sha256, "path": str(out / "tuned"),
+                  "step": trained.chosen["step"], "epoch": trained.chosen["epoch"]},
+        "train": train_section(run, trained),
+        "params": counts,
+        "model": {"name_or_path": run.recipe.model.name_or_path, "attn_implementation": attention},
+        "evals": [{k: e[k] for k in ("step", "epoch", "accuracy", "f1", "loss", "ece")} for e in state.evals],
+        "data": {"train": splits.train.origin, "eval": splits.eval.origin,
+                 "train_n": len(data.train), "eval_n": len(data.eval), "labels": splits.label_names},
+        "wall_seconds": round(run.parts.wall(), 1),
+        "time_parts": run.parts.summary(),  # seconds: load, tokenize, base_eval, train, tuned_eval, save, other
+    }
+    slim = {side: {k: m[k] for k in SLIM} for side, m in scores.as_trained.items()}
+    method = run.recipe.peft.method
+    if data.test is not None:  # base/tuned above are the test figures; these are the selection set's
+        report["dev"] = slim
+        report["data"].update(test=splits.test.origin, test_n=len(data.test))
+    elif scores.rescored and method != "qlora":  # FSDP mixed precision: the low-precision copies' figures
+        report["as_trained"] = {"what": f"FSDP forward on {run.recipe.train.precision} copies of the weights",
+                                **slim}
+    if trained.exported:
+        report["peft"] = peft_section(run, trained.exported)
+        if method == "qlora":  # the 4-bit model as it trained, before and after (on dev with a test split)
+            report["peft"]["quantized"] = slim
+    return report
+
+
+def train_section(run: Run, trained: Trained) -> dict:
+    return {**trained.throughput, "final_loss": trained.state.final_loss, "world_size": run.dist.world,
+            "strategy": run.dist.strategy, **run.choice.as_dict(),
+            "threads_per_process": torch.get_num_threads(), "resumed_from": str(run.resume_from or ""),
+            **trained.peak}
+
+
+def peft_section(run: Run, exported: dict) -> dict:
+    p = run.recipe.peft
+    return {"method": p.method, "r": p.r, "alpha": p.alpha, "dropout": p.dropout,
+            "target_modules": exported["target_modules"], "modules_to_save": exported["modules_to_save"],
+            "adapter": {"path": str(run.out / "adapter"), "sha256": exported["adapter_sha256"]}}
+
+
+def write(run: Run, report: dict, tracker) -> None:
+    """The hparams to TensorBoard, then metrics.json, last (main rank)."""
+    tracker.hparams(flat(to_dict(run.recipe)), {"accuracy": report["tuned"]["accuracy"],
+                                                "f1": report["tuned"]["f1"]})
+    tracker.close()
+    checkpoint.write_json_atomic(run.out / "metrics.json", report)
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def summary_table(report: dict) -> str:
+    rows = [("", "base", "tuned")]
+    for key in ("accuracy", "f1", "loss", "ece"):
+        rows.append((key, f"{report['base'][key]:.4f}", f"{report['tuned'][key]:.4f}"))
+    rows.append(("n", str(report["base"]["n"]), str(report["tuned"]["n"])))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, width, strict=True)) for r in rows]
+    t = report["train"]
+    lines.append(f"train: {t['samples_per_s']:.1f} samples/s, {t['real_tokens_per_s']:.0f} tokens/s "
+                 f"(padding {t['padding_share']:.1%}), {t['steps']} steps in {t['train_seconds']:.0f}s; "
+                 f"whole run {report['wall_seconds']:.0f}s; peak memory {t['peak_memory_mb']:.0f} MB")
+    if "peft" in report:
+        p, c = report["peft"], report["params"]
+        lines.append(f"{p['method']}: {c['trainable_params']:,} of {c['total_params']:,} parameters trained "
+                     f"({c['trainable_share']:.2%}); adapter: {p['adapter']['path']}")
+    return "\n".join(lines)
