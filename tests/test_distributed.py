@@ -36,3 +36,27 @@ def test_torchrun_without_a_strategy_is_refused(monkeypatch):
 def test_unwrap_returns_the_model_for_plain_modules():
     m = torch.nn.Linear(2, 2)
     assert Dist.unwrap(m) is m
+
+
+def test_what_differs_between_strategies_is_answered_by_dist():
+    plain, ddp, fsdp = Dist(), Dist(strategy="ddp", rank=1, world=2), Dist(strategy="fsdp", rank=1, world=2)
+    # every strategy is data-parallel over all processes: each rank sees its own examples
+    assert [(d.dp_world, d.dp_rank) for d in (plain, ddp, fsdp)] == [(1, 0), (2, 1), (2, 1)]
+    assert [d.shards_state for d in (plain, ddp, fsdp)] == [False, False, True]  # each rank saves its shard
+    # only FSDP's mixed precision runs forward on low-precision copies of the saved weights
+    assert [d.forward_casts_weights(torch.bfloat16) for d in (plain, ddp, fsdp)] == [False, False, True]
+    assert not fsdp.forward_casts_weights(None)
+    assert [d.packed_weight_dtype(torch.float16) for d in (plain, ddp, fsdp)] == [None, None, torch.float16]
+
+    class Wrapper(torch.nn.Module):  # what DDP looks like from outside
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def no_sync(self):
+            raise AssertionError("not called")
+
+    inner = torch.nn.Linear(2, 2)
+    wrapped = Wrapper(inner)
+    assert ddp.eval_module(wrapped) is inner  # DDP's forward adds nothing at eval
+    assert fsdp.eval_module(wrapped) is wrapped  # FSDP's forward gathers the shards: it must run
