@@ -112,7 +112,8 @@ def quantization_config(precision: str, head: list[str], dist):
 
 
 def load_quantized(folder: str | Path, recipe: Recipe, head: list[str], dist):
-    """The classifier saved in `folder` (base/), its linear layers quantised to 4-bit NF4."""
+    """The classifier saved in `folder` (base/), its linear layers quantised to 4-bit NF4, on `dist.device`
+    and stored as the strategy needs."""
     try:
         import bitsandbytes as bnb
     except ImportError:

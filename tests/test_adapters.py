@@ -176,7 +176,7 @@ def test_qlora_round_trip_and_frozen_4bit_body(arch, qlora_runs):
     inputs = batch(r.out / "base")
     trained = logits(r.model, inputs)
     # base/ + adapter on its own 4-bit base predicts as the model did at the end of training
-    quantized = adapters.load_quantized(r.out / "base", r.recipe, head, torch.device("cpu"))
+    quantized = adapters.load_quantized(r.out / "base", r.recipe, head, Dist())
     via_adapter = PeftModel.from_pretrained(quantized, r.out / "adapter")
     torch.testing.assert_close(logits(via_adapter, inputs), trained, atol=1e-4, rtol=0)
     reloaded = head_state(via_adapter, head)
