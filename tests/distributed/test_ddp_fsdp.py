@@ -183,6 +183,7 @@ def test_decoder_with_activation_checkpointing_matches_one_process(tiny_data, tm
     extra = ("train.activation_checkpointing=true",)
     p = run_cli("launch/train.py", *_args(llama, tiny_data, ref, "train.batch_size=8", *extra))
     assert p.returncode == 0, p.stderr[-3000:]
-    p = run_torchrun(2, *_args(llama, tiny_data, dist, "train.batch_size=4", f"distributed.strategy={strategy}", *extra))
+    p = run_torchrun(2, *_args(llama, tiny_data, dist, "train.batch_size=4", f"distributed.strategy={strategy}",
+                               *extra))
     assert p.returncode == 0, p.stderr[-3000:]
     assert _losses(dist) == pytest.approx(_losses(ref), abs=1e-5)

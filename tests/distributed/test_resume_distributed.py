@@ -1,11 +1,11 @@
 """Exact resume for DDP and FSDP on 2 processes, and torchrun's elastic restart."""
 import json
-import signal
 
 import pytest
 
 from conftest import faults, run_torchrun
-from test_resume import args as one_process_args, same_run
+from test_resume import args as one_process_args
+from test_resume import same_run
 
 
 def args(model, data, out, strategy, *extra):
