@@ -1,4 +1,5 @@
 """The optimizer and the learning-rate schedule (engine/optim.py), and the recipe keys that pick them."""
+import itertools
 import json
 import math
 
@@ -40,7 +41,7 @@ def test_warmup_then_linear_decay():
     lrs = _lrs(lambda opt: lr_schedule(opt, "linear", warmup_steps=4, total_steps=14), 14)
     assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
     assert lrs[4] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
-    assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+    assert all(a > b for a, b in itertools.pairwise(lrs[4:]))
 
 
 def test_default_recipe_keeps_the_linear_schedule_exactly():

@@ -8,11 +8,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of scripts at the root, not installed
 
+import tiny  # noqa: E402
 from benchmarks import measure, report  # noqa: E402
 from benchmarks.matrix import MatrixError, load_matrix  # noqa: E402
 from conftest import run_cli  # noqa: E402
-
-import tiny  # noqa: E402
 
 MATRICES = ROOT / "benchmarks" / "matrices"
 
