@@ -19,7 +19,8 @@
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-PY=${PYTHON:-python3}
+# the project's .venv where scripts/setup.sh made one, else python3 (a GPU machine's own torch)
+if [[ -n ${PYTHON:-} ]]; then PY=$PYTHON; elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
 DRY=0
 OVERWRITE=0
 DEST=benchmarks/results/gpu
@@ -129,10 +130,7 @@ open('$WORK/empty.yaml', 'w').write('# benchmarks/gpu_check.sh: every setting is
 step fused-adamw-bf16 60 env PYTHONPATH="$ROOT" "$PY" -c "
 import torch
 from engine.config import TrainConfig
-try:
-    from engine.optim import build_optimizer
-except ImportError:
-    from engine.loop import build_optimizer
+from engine.optim import build_optimizer
 from engine.precision import Precision, choose
 dev = torch.device('cuda', 0)
 model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.LayerNorm(256)).to(dev)

@@ -77,6 +77,8 @@ def _cut_from_both_ends(texts: list[str], tokenizer, max_length: int, truncation
     max_length in all, the tokenizer's own special tokens included."""
     budget = max_length - tokenizer.num_special_tokens_to_add(pair=False)
     keep_head = head_tokens if truncation == "head_tail" else 0
+    if keep_head < 0:  # launch/evaluate.py builds its DataConfig without the recipe's checks
+        raise DataError(f"data.head_tokens must be >= 0, got {head_tokens}")
     if budget - keep_head < 1:
         raise DataError(f"data.max_length={max_length} leaves {budget} tokens after the tokenizer's "
                         f"{max_length - budget} special tokens: no room for a tail after "

@@ -130,7 +130,8 @@ class Dist:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # find_unused_parameters: LoRA and frozen heads leave some parameters without grads
+            # find_unused_parameters=False: frozen parameters (LoRA's body) have requires_grad=False
+            # and DDP does not wait for them; every trainable one gets a gradient each step
             return DDP(model, device_ids=ids, find_unused_parameters=False)
         if self.strategy == "fsdp":
             return self._fully_shard(model, precision_dtype)

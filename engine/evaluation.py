@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from engine import batching, modeling, sources
 from engine.batching import Tokenized, collate, eval_batches, model_inputs
+from engine.config import ModelConfig
+from engine.distributed import Dist
 from engine.metrics import classification_metrics
-from engine.paths import user_cache_dir
+from engine.paths import user_cache_dir, write_json_atomic
+from engine.precision import Precision
 
 
 def predict(model, data: Tokenized, batch_size: int, precision, dist, pad_id: int,
@@ -102,10 +105,7 @@ def cached_score(key: dict | None, score: Callable[[], dict], dist, folder: Path
     metrics = score()
     if file is not None:
         try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": key, "metrics": metrics}), encoding="utf-8")
-            os.replace(tmp, file)
+            write_json_atomic(file, {"key": key, "metrics": metrics})
         except OSError:  # an unwritable cache costs a base eval per run, nothing else
             pass
     return metrics, False
@@ -114,11 +114,6 @@ def cached_score(key: dict | None, score: Callable[[], dict], dist, folder: Path
 def evaluate_pretrained(model_path: str, data_cfg, split: str, batch_size: int = 64,
                         precision_name: str = "fp32", trust_remote_code: bool = False) -> dict:
     """Load any saved or hub classifier and evaluate it on one split, labels read from its config."""
-    from engine import batching, modeling, sources
-    from engine.config import ModelConfig
-    from engine.distributed import Dist
-    from engine.precision import Precision
-
     mcfg = ModelConfig(name_or_path=model_path, trust_remote_code=trust_remote_code)
     tokenizer = modeling.load_tokenizer(mcfg)
     model = modeling.load_model(mcfg, tokenizer=tokenizer)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from torch import nn
 
 from engine import adapters, batching, checkpoint, distributed, loop, modeling, optim, signals, sources
@@ -71,14 +72,14 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     model = convert(run, model)  # the model transforms: activation checkpointing, LoRA / QLoRA
     counts = modeling.param_counts(model)
     model = wrap(run, model)  # the strategy's wrapping, then torch.compile
-    base_metrics, base_reused = score_base(run, model, data, base_sha, saved)
+    base_metrics, base_reused = score_base(run, model, data, base_sha, saved, attention)
     tracker = open_tracker(run, data, attention, base_metrics, base_reused and not saved, counts)
     state, throughput = train(run, model, data, tracker, saved,
                               {"fingerprint": fingerprint, "base_metrics": base_metrics})
     peak = peak_memory(run.dist)
     chosen = state.best if run.recipe.train.keep_best else state.evals[-1]  # the eval kept as tuned/
     tuned_sha, exported = export_tuned(run, model, data.tokenizer)
-    scores = final_scores(run, data, base_metrics, base_reused, chosen, tracker)
+    scores = final_scores(run, data, base_metrics, base_reused, chosen, tracker, base_sha, attention)
     report = None
     if run.dist.is_main:
         trained = Trained(state, throughput, peak, chosen, tuned_sha, exported)
@@ -170,13 +171,13 @@ def score(run: Run, model: nn.Module, data: RunData, dataset: Tokenized) -> dict
 
 
 def score_base(run: Run, model: nn.Module, data: RunData, base_sha: str | None,
-               saved: dict | None) -> tuple[dict, bool]:
+               saved: dict | None, attention: str) -> tuple[dict, bool]:
     """(the base model's eval metrics, reused): from the checkpoint resumed, an earlier run's score of
     the same base and eval set, or scored now."""
     with run.parts.part("base_eval"):
         if saved:
             return saved["base_metrics"], True
-        key = base_score_key(run.recipe, base_sha, data.eval, data.splits.label_names, run.dist) if base_sha else None
+        key = base_score_key(run, base_sha, data, data.eval, attention) if base_sha else None
         return cached_score(key, lambda: score(run, model, data, data.eval), run.dist,
                             score_cache_dir(run.recipe))
 
@@ -281,14 +282,15 @@ def export_tuned(run: Run, model: nn.Module, tokenizer) -> tuple[str | None, dic
 
 
 def final_scores(run: Run, data: RunData, base_metrics: dict, base_reused: bool, chosen: dict,
-                 tracker: Tracker) -> Scores:
+                 tracker: Tracker, base_sha: str | None, attention: str) -> Scores:
     """What is reported is base/ and tuned/ as saved.
 
     The evals during training scored the model as it trained, which is not what was saved when QLoRA
     trained a 4-bit copy, or when FSDP's mixed precision ran forward on bf16/fp16 copies of the
     weights: those runs score the snapshots again (fp32 weights, under the same autocast as one
     process). With data.test_split the snapshots are scored once on test, and the eval split only
-    selected (its figures go to `dev`).
+    selected (its figures go to `dev`). base/ scored as saved is cached like the base score, so a
+    sweep on one base scores it once; `base_reused` says whether the reported base figure was reused.
     """
     dist = run.dist
     tuned_metrics = {k: v for k, v in chosen.items() if k not in ("step", "epoch")}
@@ -298,7 +300,9 @@ def final_scores(run: Run, data: RunData, base_metrics: dict, base_reused: bool,
         dist.barrier()  # tuned/ is on disk
         final_set = data.eval if data.test is None else data.test
         with run.parts.part("base_eval"):
-            base_metrics = score_snapshot(run, data, run.out / "base", final_set)
+            key = base_score_key(run, base_sha, data, final_set, attention, snapshot=True) if base_sha else None
+            base_metrics, base_reused = cached_score(
+                key, lambda: score_snapshot(run, data, run.out / "base", final_set), dist, score_cache_dir(run.recipe))
         with run.parts.part("tuned_eval"):
             tuned_metrics = score_snapshot(run, data, run.out / "tuned", final_set)
     if data.test is not None:
@@ -317,20 +321,25 @@ def score_snapshot(run: Run, data: RunData, folder: Path, dataset: Tokenized) ->
 # Checks and keys
 
 
-def base_score_key(recipe: Recipe, base_sha: str, eval_set, label_names: list[str], dist) -> dict:
-    """Everything the base model's eval score depends on; {} (never cached) for QLoRA, whose base
-    is scored as the 4-bit copy it trains."""
-    if recipe.peft.method == "qlora":
+def base_score_key(run: Run, base_sha: str, data: RunData, dataset: Tokenized, attention: str,
+                   snapshot: bool = False) -> dict:
+    """Everything a base score depends on; {} (never cached) for QLoRA's base as it trains (the 4-bit
+    copy). `snapshot`: base/ as saved, loaded plain (no adapter, no wrapping) and scored on `dataset`."""
+    recipe, dist = run.recipe, run.dist
+    if recipe.peft.method == "qlora" and not snapshot:
         return {}
     t = recipe.train
-    return {"base_sha256": base_sha, "eval_set_sha256": eval_set_digest(eval_set), "labels": label_names,
-            "precision": t.precision, "eval_batch_size": t.eval_batch_size, "compile": t.compile,
-            "attn_implementation": recipe.model.attn_implementation, "device": dist.device.type,
-            "strategy": dist.strategy, "world_size": dist.world, "torch": torch.__version__}
+    key = {"base_sha256": base_sha, "eval_set_sha256": eval_set_digest(dataset), "labels": data.splits.label_names,
+           "precision": t.precision, "eval_batch_size": t.eval_batch_size, "attn_implementation": attention,
+           "device": dist.device.type, "torch": torch.__version__, "transformers": transformers.__version__}
+    if snapshot:
+        return {**key, "scored": "base/ as saved"}
+    return {**key, "compile": t.compile, "strategy": dist.strategy, "world_size": dist.world}
 
 
 def score_cache_dir(recipe: Recipe) -> Path | None:
-    """Beside the token cache when a recipe names one (the harness keeps its caches per run folder)."""
+    """Inside the token cache when a recipe names one (the harness names one per matrix: its runs on
+    one base and eval set share the score), else the user cache."""
     return Path(recipe.data.cache_dir).expanduser() / "base_scores" if recipe.data.cache_dir else None
 
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -48,14 +50,25 @@ def user_cache_dir() -> Path:
     return Path(base) / "sentiment-engine"
 
 
+def write_json_atomic(path: str | Path, obj) -> None:
+    """JSON that a reader sees whole or not at all (a temporary file, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def is_local(uri: str) -> bool:
     """True when `uri` names something on disk (or in a package) rather than a hub id."""
     return uri.startswith(PACKAGE_SCHEME) or Path(uri).exists() or uri.startswith((".", "/", "~"))
 
 
 def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "sentiment-engine" / "packages"
+    return user_cache_dir() / "packages"
 
 
 def installed_packages(pattern: str) -> list[Path]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import platform
 import statistics
 import time
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import RecipeError
-from engine.paths import user_cache_dir
+from engine.paths import user_cache_dir, write_json_atomic
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NATIVE_RATIO = 1.3  # bf16 matmul speed / fp32 at or above which a CPU counts as computing bf16 natively
@@ -67,9 +66,10 @@ def choose(requested: str, device: torch.device, broadcast: Callable = lambda x:
             return Choice(requested, "bf16", ratio, f"auto: bf16 matmul {ratio:.2f}x fp32 on this CPU")
         return Choice(requested, "fp32", ratio,
                       f"auto: bf16 matmul only {ratio:.2f}x fp32 on this CPU (emulated), so fp32")
-    if ratio < 1.0:  # still runs: memory may be why it was asked for
-        say(f"note: train.precision={requested} on this CPU runs matmuls at {ratio:.2f}x fp32 "
-            f"({1 / ratio:.1f}x slower, emulated); train.precision=auto or fp32 would be faster")
+    if ratio < NATIVE_RATIO:  # still runs (memory may be why it was asked for), but say what it costs
+        speed = f"{1 / ratio:.1f}x slower" if ratio < 1 else "little faster"
+        say(f"note: train.precision={requested} on this CPU runs matmuls at {ratio:.2f}x fp32 ({speed}: "
+            f"emulated, or not native); train.precision=auto would choose fp32")
     return Choice(requested, requested, ratio, f"{requested} matmul {ratio:.2f}x fp32 on this CPU")
 
 
@@ -90,10 +90,7 @@ def cpu_ratio(low: str, probe: Callable[[str, int], float] | None = None) -> flo
     ratio = measure("fp32", threads) / measure(low, threads)
     cached[key] = ratio
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached, indent=1), encoding="utf-8")
-        os.replace(tmp, file)
+        write_json_atomic(file, cached)
     except OSError:  # a read-only cache costs a probe per run, nothing else
         pass
     return ratio

@@ -10,6 +10,7 @@ import torch
 
 from engine import checkpoint
 from engine.config import to_dict
+from engine.paths import write_json_atomic
 
 if TYPE_CHECKING:
     from engine.finetune import Run, RunData
@@ -75,9 +76,9 @@ def build(run: Run, data: RunData, scores: Scores, trained: Trained, counts: dic
     if data.test is not None:  # base/tuned above are the test figures; these are the selection set's
         report["dev"] = slim
         report["data"].update(test=splits.test.origin, test_n=len(data.test))
-    elif scores.rescored and method != "qlora":  # FSDP mixed precision: the low-precision copies' figures
-        report["as_trained"] = {"what": f"FSDP forward on {run.recipe.train.precision} copies of the weights",
-                                **slim}
+    if scores.rescored and method != "qlora":  # FSDP mixed precision: the low-precision copies' figures
+        report["as_trained"] = {"what": f"FSDP forward on {run.recipe.train.precision} copies of the weights, "
+                                        f"on the {'dev' if data.test is not None else 'eval'} split", **slim}
     if trained.exported:
         report["peft"] = peft_section(run, trained.exported)
         if method == "qlora":  # the 4-bit model as it trained, before and after (on dev with a test split)
@@ -104,7 +105,7 @@ def write(run: Run, report: dict, tracker) -> None:
     tracker.hparams(flat(to_dict(run.recipe)), {"accuracy": report["tuned"]["accuracy"],
                                                 "f1": report["tuned"]["f1"]})
     tracker.close()
-    checkpoint.write_json_atomic(run.out / "metrics.json", report)
+    write_json_atomic(run.out / "metrics.json", report)
 
 
 def flat(d: dict, prefix: str = "") -> dict:

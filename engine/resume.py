@@ -50,6 +50,12 @@ def run_fingerprint(recipe: Recipe, model, n_train: int, n_eval: int, dist) -> d
         "batch_size": recipe.train.batch_size, "grad_accum": recipe.train.grad_accum,
         "max_length": recipe.data.max_length, "train_n": n_train, "eval_n": n_eval,
         "seed": recipe.seed, "peft": recipe.peft.method,
+        # the same counts can hide other token ids or another split, and LambdaLR's saved state
+        # holds no schedule: these must match too
+        "truncation": recipe.data.truncation, "head_tokens": recipe.data.head_tokens,
+        "holdout_size": recipe.data.holdout_size, "test_split": recipe.data.test_split,
+        "test_size": recipe.data.test_size, "schedule": recipe.train.schedule,
+        "min_lr_ratio": recipe.train.min_lr_ratio, "warmup_ratio": recipe.train.warmup_ratio,
     }
 
 

@@ -110,7 +110,9 @@ def read_split(cfg: DataConfig, split: str) -> RawSplit:
             raise DataError(str(e)) from None
         frame, origin, names = _read_local(path, split, cfg)
     else:
-        frame, origin, names = _read_hub(cfg.source, split)
+        # the label column's name on the hub, before data.rename_columns
+        label = next((old for old, new in cfg.rename_columns.items() if new == cfg.label_column), cfg.label_column)
+        frame, origin, names = _read_hub(cfg.source, split, label)
     for old, new in cfg.rename_columns.items():
         if old in frame.columns:
             if new in frame.columns:
@@ -137,7 +139,7 @@ def read_split(cfg: DataConfig, split: str) -> RawSplit:
     return RawSplit(texts, frame[cfg.label_column].tolist(), rows, cfg.label_column, origin, names)
 
 
-def _read_hub(name: str, split: str):
+def _read_hub(name: str, split: str, label_column: str):
     import datasets  # seconds to import, and only hub sources need it
 
     try:
@@ -145,10 +147,8 @@ def _read_hub(name: str, split: str):
     except Exception as e:  # the hub client raises many types; all mean "cannot get it"
         raise DataError(f"{name}: cannot load split '{split}' from the hub "
                         f"({e.__class__.__name__}: {' '.join(str(e).split())[:200]})") from None
-    names = None
-    for feature in ds.features.values():
-        if hasattr(feature, "names"):
-            names = list(feature.names)
+    feature = ds.features.get(label_column)  # a ClassLabel names the classes; another column's does not
+    names = list(feature.names) if hasattr(feature, "names") else None
     return ds.to_pandas(), f"{name}[{split}]", names
 
 

@@ -29,9 +29,9 @@ def main() -> int:
     args = p.parse_args()
 
     # the engine loads only now, after argparse: --help and usage errors answer without importing torch
-    from engine.checkpoint import write_json_atomic
     from engine.config import DataConfig
     from engine.evaluation import evaluate_pretrained
+    from engine.paths import write_json_atomic
 
     data_cfg = DataConfig(source=args.data, text_column=args.text_column, label_column=args.label_column,
                           max_length=args.max_length, encoding=args.encoding, eval_size=args.size,

@@ -163,3 +163,29 @@ def test_runs_on_the_same_base_score_it_once(tiny_bert, tiny_data, tmp_path, mon
     for name, change in (("c", "data.eval_size=20"), ("d", "data.max_length=16"), ("e", "train.precision=bf16")):
         report, base_evals = sweep_run(name, change)
         assert base_evals == 1 and report["base"]["score_reused"] is False, change
+
+
+def test_a_sweep_with_a_test_split_scores_base_on_test_once(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    # base/ as saved is scored on test at the end of each run: the second run of a sweep reuses it,
+    # and `score_reused` speaks of the reported (test) figure, not of the dev score
+    from engine import finetune as finetune_mod
+    snapshots = []
+    real = finetune_mod.score_snapshot
+
+    def counted(run, data, folder, dataset):
+        snapshots.append(folder.name)
+        return real(run, data, folder, dataset)
+
+    monkeypatch.setattr(finetune_mod, "score_snapshot", counted)
+
+    def sweep_run(name, lr):
+        snapshots.clear()
+        return finetune(load_recipe(None, tiny_overrides(tiny_bert, tiny_data, tmp_path / name) + [
+            "train.epochs=1", f"train.lr={lr}", "data.eval_split=null", "data.holdout_size=32",
+            "data.test_split=test"]))
+
+    first = sweep_run("a", 3e-3)
+    assert snapshots == ["base", "tuned"] and first["base"]["score_reused"] is False
+    second = sweep_run("b", 1e-3)
+    assert snapshots == ["tuned"] and second["base"]["score_reused"] is True
+    assert second["base"]["accuracy"] == first["base"]["accuracy"] and second["base"]["n"] == first["base"]["n"]

@@ -113,7 +113,7 @@ def test_fsdp_bf16_metrics_are_those_of_the_fp32_snapshots(tiny_bert, tiny_data,
         alone = evaluate_pretrained(str(out / side), data, "test", batch_size=EVAL_BATCH, precision_name="bf16")
         assert m[side]["accuracy"] == alone["accuracy"] and m[side]["confusion"] == alone["confusion"], side
         assert m[side]["loss"] == pytest.approx(alone["loss"], abs=1e-6), side
-    assert m["as_trained"]["what"] == "FSDP forward on bf16 copies of the weights"
+    assert m["as_trained"]["what"] == "FSDP forward on bf16 copies of the weights, on the eval split"
     assert m["as_trained"]["tuned"]["n"] == 33
 
 
