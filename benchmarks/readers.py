@@ -90,7 +90,9 @@ def read_engine(run_dir: Path, s: dict) -> dict:
                trainable_params=metrics["params"]["trainable_params"], total_params=metrics["params"]["total_params"],
                cuda_peak_bytes=int(train["peak_memory_mb"] * 2**20) if cuda and "peak_memory_mb" in train else None,
                train_seconds=train.get("train_seconds"), threads=train.get("threads_per_process"),
-               precision=train.get("precision", s["precision"]), precision_ratio=train.get("precision_ratio"))
+               precision=train.get("precision", s["precision"]), precision_ratio=train.get("precision_ratio"),
+               # the run's own clock, by part (load, tokenize, base_eval, train, tuned_eval, save, other)
+               run_wall_seconds=metrics.get("wall_seconds"), time_parts=metrics.get("time_parts"))
     if s["method"] != "full" and out["trainable_params"] >= out["total_params"]:
         raise ValueError(f"the engine trained all {out['total_params']:,} parameters for method {s['method']}")
     return out

@@ -329,6 +329,9 @@ def test_smoke_records_are_complete_and_sane(smoke):
         rec = recs[key]
         base = json.loads((Path(rec["repeats"][0]["run_dir"]) / "metrics.json").read_text())["base"]
         assert (rec["base_accuracy"], rec["base_f1"]) == (base["accuracy"], base["f1"])
+        run = rec["repeats"][0]  # each repeat keeps the engine's own wall clock and its parts
+        assert sum(run["time_parts"].values()) == pytest.approx(run["run_wall_seconds"], abs=0.2)
+        assert 0 < run["run_wall_seconds"] <= run["wall_s"] and run["time_parts"]["train"] > 0
         assert rec["curve"][0] == {"step": 0, "t": 0.0, "accuracy": rec["base_accuracy"]}
     assert recs["engine-none1-full-fp32"]["ratio_to_baseline"] > 0
     assert "torchrun" in recs["engine-ddp2-full-fp32"]["repeats"][0]["command"] or \
