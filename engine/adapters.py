@@ -19,6 +19,7 @@ from torch import nn
 from engine import checkpoint, modeling
 from engine.config import Recipe
 from engine.errors import AdapterError
+from engine.precision import DTYPES
 
 # bitsandbytes warns at import, on every AVX512-BF16 CPU, that an optional kernel package is
 # missing; its fallback works, and the stray line would break the one-line error of bad input
@@ -42,7 +43,6 @@ DEFAULT_TARGETS = {
     "gpt2": ["c_attn"],  # a transformers Conv1D (weight stored transposed); PEFT handles it
     **dict.fromkeys(("llama", "qwen2", "mistral", "gemma3_text", "phi3"), "all-linear"),
 }
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # bitsandbytes' NF4 block: its CPU kernels need the input width of every 4-bit layer to be a multiple
 NF4_BLOCK = 64
 
@@ -99,7 +99,7 @@ def lora_config(model: nn.Module, recipe: Recipe):
 def quantization_config(precision: str, head: list[str], dist):
     from transformers import BitsAndBytesConfig
 
-    compute = COMPUTE_DTYPES[precision]
+    compute = DTYPES[precision] or torch.float32  # fp32 autocasts nothing: 4-bit layers compute in fp32
     extra = {}
     storage = dist.packed_weight_dtype(compute)  # what the strategy needs the packed 4-bit data in
     if storage is not None:

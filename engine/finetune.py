@@ -82,7 +82,7 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     scores = final_scores(run, data, base_metrics, base_reused, chosen, tracker, base_sha, attention)
     report = None
     if run.dist.is_main:
-        trained = Trained(state, throughput, peak, chosen, tuned_sha, exported)
+        trained = Trained(state, throughput, peak, chosen, tuned_sha, base_sha, exported)
         report = report_lib.build(run, data, scores, trained, counts, attention)
         report_lib.write(run, report, tracker)
     run.dist.barrier()

@@ -38,6 +38,7 @@ class Trained:
     peak: dict  # peak_memory_mb (the largest rank), peak_memory_of
     chosen: dict  # the eval kept as tuned/: step, epoch, metrics
     tuned_sha256: str
+    base_sha256: str | None  # save_base's hash; None when resumed (base/ was saved by the first attempt)
     exported: dict | None  # adapters.export's facts (LoRA / QLoRA), else None
 
 
@@ -55,7 +56,8 @@ def build(run: Run, data: RunData, scores: Scores, trained: Trained, counts: dic
     """metrics.json's content (main rank)."""
     out, state, splits = run.out, trained.state, data.splits
     report = {
-        "base": {**scores.base, "sha256": checkpoint.file_sha256(out / "base" / checkpoint.WEIGHTS),
+        "base": {**scores.base,
+                 "sha256": trained.base_sha256 or checkpoint.file_sha256(out / "base" / checkpoint.WEIGHTS),
                  "path": str(out / "base"),
                  # true: this base, eval set and settings were scored by an earlier run (or the
                  # checkpoint resumed from), and that score is reused instead of scoring again
