@@ -85,7 +85,7 @@ def read_engine(run_dir: Path, s: dict) -> dict:
     cuda = str(train.get("peak_memory_of", "")).startswith("cuda")
     out.update(curve=curve, accuracy=scored["tuned"]["accuracy"], f1=scored["tuned"]["f1"],
                base_accuracy=scored["base"]["accuracy"], base_f1=scored["base"]["f1"],
-               accuracy_of=accuracy_of,
+               eval_n=scored["tuned"].get("n"), accuracy_of=accuracy_of,
                snapshot_accuracy=metrics["tuned"]["accuracy"], snapshot_base_accuracy=metrics["base"]["accuracy"],
                trainable_params=metrics["params"]["trainable_params"], total_params=metrics["params"]["total_params"],
                cuda_peak_bytes=int(train["peak_memory_mb"] * 2**20) if cuda and "peak_memory_mb" in train else None,
@@ -107,7 +107,7 @@ def read_trainer(run_dir: Path, s: dict) -> dict:
     # the blog's closing trainer.evaluate() repeats the last in-training eval when eval_steps divides the run
     evals = {e["step"]: e for e in bench["evals"] if e.get("accuracy") is not None}
     out.update(curve=[{"step": e["step"], "t": round(e["t"], 3), "accuracy": e["accuracy"]} for e in evals.values()],
-               accuracy=final.get("accuracy"), f1=final.get("f1"),
+               accuracy=final.get("accuracy"), f1=final.get("f1"), eval_n=bench.get("eval_n"),
                trainable_params=bench["params"]["trainable_params"], total_params=bench["params"]["total_params"],
                cuda_peak_bytes=bench.get("cuda_peak_bytes"), train_seconds=line[-1][1], threads=bench.get("threads"),
                precision=bench.get("precision", s["precision"]), precision_ratio=bench.get("precision_ratio"))

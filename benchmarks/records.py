@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from benchmarks import measure
+from engine.metrics import standard_error
 
 # what a probe matmul can miss: fp16 on a CPU without fp16 units is emulated, and the probe's
 # square matmul of fp16 tensors takes another (slower) path than autocast's fp16 linear layers
@@ -68,6 +69,10 @@ def summarize(s: dict, runs: list[dict], shape, peaks: dict, datasheet: dict | N
                    f1=med("f1") if all(r["f1"] is not None for r in ok) else None, curve=first["curve"])
         if all(r.get("base_accuracy") is not None for r in ok):  # the engine scores the untouched model first
             rec.update(base_accuracy=med("base_accuracy"), base_f1=med("base_f1"))
+        n = first.get("eval_n")
+        if n:  # the binomial standard error of one run's accuracy on n examples, at the median
+            rec.update(eval_n=n, **{f"{key}_se": standard_error(rec[key], n) for key in ("accuracy", "base_accuracy")
+                                    if rec.get(key) is not None})
         if all(r.get("snapshot_accuracy") is not None for r in ok):
             rec.update(accuracy_of=first["accuracy_of"], snapshot_accuracy=med("snapshot_accuracy"),
                        snapshot_base_accuracy=med("snapshot_base_accuracy"))

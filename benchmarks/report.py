@@ -24,6 +24,12 @@ def num(x, fmt: str) -> str:
     return "–" if x is None else format(x, fmt)
 
 
+def acc(r: dict, key: str = "accuracy") -> str:
+    """An accuracy with its standard error on the examples scored (where the record knows how many)."""
+    se = r.get(f"{key}_se")
+    return num(r.get(key), ".4f") + (f" ± {se:.4f}" if se is not None and r.get(key) is not None else "")
+
+
 def table(records: list[dict]) -> list[str]:
     head = ["scenario", "status", "samples/s", "x baseline", "real tok/s", "padded tok/s (padding)",
             "step s: median (min–max)", "achieved FLOP/s", "MFU", "peak memory", "trainable", "base accuracy",
@@ -46,7 +52,7 @@ def table(records: list[dict]) -> list[str]:
             + (f" ({r['mfu_datasheet']:.1%} of datasheet)" if r.get("mfu_datasheet") else ""),
             si(r["peak_memory_bytes"], "B"),
             si(r["trainable_params"]),
-            num(r.get("base_accuracy"), ".4f"), num(r["accuracy"], ".4f"), num(r["f1"], ".4f"),
+            acc(r, "base_accuracy"), acc(r), num(r["f1"], ".4f"),
             f"{r['time_to_target_s']:.0f} s" if r["time_to_target_s"] is not None else "–",
             (f"{load['outside_cores_mean']:.2f} (max {load['outside_cores_max']:.2f})" if load else "–")
             + (" **disturbed**" if r["disturbed"] else ""),
@@ -104,7 +110,9 @@ def markdown(res: dict) -> str:
               "made of): for QLoRA the 4-bit copy, under FSDP mixed precision the low-precision weight copies; "
               "the saved fp32 snapshots' accuracies are `snapshot_accuracy` / `snapshot_base_accuracy` in "
               "results.json. Where a scenario sets data.test_split, accuracy is the saved snapshots' on the "
-              "test split, and the curve and time to target are the dev evals'.", "",
+              "test split, and the curve and time to target are the dev evals'. `± x` is the binomial standard "
+              "error of one run's accuracy on the n examples scored, sqrt(p(1-p)/n): two accuracies differ by "
+              "more than sampling noise when their gap exceeds about 2 x sqrt(se_a^2 + se_b^2).", "",
               "## MFU", "", res["mfu_formula"], "", "## Plots", ""]
     lines += [f"![{p}]({p})" for p in PLOTS] + [""]
     return "\n".join(lines)
@@ -221,7 +229,7 @@ def summary(records: list[dict]) -> list[str]:
             continue
         rows.append(f"| `{r['id']}`{' (baseline)' if r['scenario'].get('is_baseline') else ''} | "
                     f"{num(r['samples_per_s'], '.3g')} | {num(r['ratio_to_baseline'], '.2f')} | "
-                    f"{num(r['mfu'], '.1%')} | {num(r.get('base_accuracy'), '.4f')} | {num(r['accuracy'], '.4f')} |")
+                    f"{num(r['mfu'], '.1%')} | {acc(r, 'base_accuracy')} | {acc(r)} |")
     return rows
 
 

@@ -85,6 +85,11 @@ def eval_set_digest(data: Tokenized) -> str:
     return h.hexdigest()
 
 
+# bumped when classification_metrics gains a field (2: accuracy_se), so an older stored score is
+# scored again instead of lacking it
+SCORE_FORMAT = 2
+
+
 def cached_score(key: dict | None, score: Callable[[], dict], dist, folder: Path | None = None) -> tuple[dict, bool]:
     """(metrics, reused): rank 0 looks `key` up and every rank follows; on a miss all ranks score
     (collectives inside) and rank 0 stores the result. key None (rank != 0) or {} scores always."""
@@ -96,7 +101,7 @@ def cached_score(key: dict | None, score: Callable[[], dict], dist, folder: Path
     if file is not None and file.exists():
         try:
             saved = json.loads(file.read_text(encoding="utf-8"))
-            found = saved["metrics"] if saved.get("key") == key else None
+            found = saved["metrics"] if saved.get("key") == key and saved.get("format") == SCORE_FORMAT else None
         except (OSError, ValueError, KeyError):  # damaged: score again
             found = None
     found = dist.broadcast_object(found)
@@ -105,7 +110,7 @@ def cached_score(key: dict | None, score: Callable[[], dict], dist, folder: Path
     metrics = score()
     if file is not None:
         try:
-            write_json_atomic(file, {"key": key, "metrics": metrics})
+            write_json_atomic(file, {"key": key, "format": SCORE_FORMAT, "metrics": metrics})
         except OSError:  # an unwritable cache costs a base eval per run, nothing else
             pass
     return metrics, False

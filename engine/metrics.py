@@ -13,6 +13,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def standard_error(p: float, n: int) -> float:
+    """The binomial standard error of an accuracy p measured on n examples: sqrt(p(1-p)/n). Two
+    accuracies on different draws differ by more than noise when the gap exceeds ~2 x
+    sqrt(se_a^2 + se_b^2); on the same examples that is conservative (a paired test is tighter)."""
+    return float(np.sqrt(p * (1 - p) / n)) if n else 0.0
+
+
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
     """|accuracy - confidence| per equal-width confidence bin, weighted by the bin's share."""
     conf = probs.max(axis=-1)
@@ -76,6 +83,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, label_names: 
     return {
         "n": int(len(labels)),
         "accuracy": float((preds == labels).mean()) if len(labels) else 0.0,
+        "accuracy_se": standard_error(float((preds == labels).mean()), len(labels)) if len(labels) else 0.0,
         # over every class the model can predict, absent from the gold labels or not (scikit-learn's
         # f1_score(average="macro", labels=range(k))): dropping one would reward predicting it
         "f1": float(f1[list(range(k)) if f1_classes is None else sorted(f1_classes)].mean()) if k else 0.0,

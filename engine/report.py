@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from engine.finetune import Run, RunData
     from engine.loop import LoopState
 
-SLIM = ("accuracy", "f1", "loss", "ece", "n")
+SLIM = ("accuracy", "accuracy_se", "f1", "loss", "ece", "n")
 
 
 @dataclass
@@ -122,8 +122,9 @@ def flat(d: dict, prefix: str = "") -> dict:
 
 def summary_table(report: dict) -> str:
     rows = [("", "base", "tuned")]
-    for key in ("accuracy", "f1", "loss", "ece"):
-        rows.append((key, f"{report['base'][key]:.4f}", f"{report['tuned'][key]:.4f}"))
+    for key, label in (("accuracy", "accuracy"), ("accuracy_se", "  std. error"), ("f1", "f1"), ("loss", "loss"),
+                       ("ece", "ece")):
+        rows.append((label, f"{report['base'][key]:.4f}", f"{report['tuned'][key]:.4f}"))
     rows.append(("n", str(report["base"]["n"]), str(report["tuned"]["n"])))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, width, strict=True)) for r in rows]

@@ -66,3 +66,27 @@ def test_fsdp_evaluates_under_no_grad_not_inference_mode():
         assert not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     with Dist(strategy="ddp").no_autograd():
         assert torch.is_inference_mode_enabled()
+
+
+def test_a_stored_score_from_an_older_format_is_scored_again(tmp_path):
+    # a base score stored before classification_metrics had accuracy_se would lack it: score again
+    import json
+    dist = SimpleNamespace(is_main=True, broadcast_object=lambda x: x)
+    calls = []
+
+    def score():
+        calls.append(1)
+        return {"accuracy": 0.5, "accuracy_se": 0.1, "n": 25}
+
+    key = {"base": "abc"}
+    first, reused = evaluation.cached_score(key, score, dist, tmp_path)
+    assert (calls, reused) == ([1], False)
+    again, reused = evaluation.cached_score(key, score, dist, tmp_path)
+    assert (calls, reused, again) == ([1], True, first)
+    (stored,) = tmp_path.glob("*.json")
+    old = json.loads(stored.read_text())
+    del old["format"]
+    del old["metrics"]["accuracy_se"]
+    stored.write_text(json.dumps(old))
+    rescored, reused = evaluation.cached_score(key, score, dist, tmp_path)
+    assert (calls, reused, rescored["accuracy_se"]) == ([1, 1], False, 0.1)

@@ -325,10 +325,16 @@ def test_smoke_records_are_complete_and_sane(smoke):
                                       "batch_size", "epochs", "warmup_steps", "repeats"}
     assert recs["baseline"]["ratio_to_baseline"] is None
     assert recs["baseline"]["base_accuracy"] is None  # the Trainer's recipe never scores the untouched model
+    assert recs["baseline"]["eval_n"] == recs["engine-none1-full-fp32"]["eval_n"]  # the same eval examples
+    assert "± " in (out / "results.md").read_text()
     for key in ("engine-none1-full-fp32", "engine-ddp2-full-fp32"):  # base vs tuned, on the same examples
         rec = recs[key]
         base = json.loads((Path(rec["repeats"][0]["run_dir"]) / "metrics.json").read_text())["base"]
         assert (rec["base_accuracy"], rec["base_f1"]) == (base["accuracy"], base["f1"])
+        # each accuracy with its standard error on the examples scored
+        assert rec["eval_n"] == base["n"] > 0
+        assert rec["accuracy_se"] == pytest.approx((rec["accuracy"] * (1 - rec["accuracy"]) / base["n"]) ** 0.5)
+        assert rec["base_accuracy_se"] == pytest.approx(base["accuracy_se"])
         run = rec["repeats"][0]  # each repeat keeps the engine's own wall clock and its parts
         assert sum(run["time_parts"].values()) == pytest.approx(run["run_wall_seconds"], abs=0.2)
         assert 0 < run["run_wall_seconds"] <= run["wall_s"] and run["time_parts"]["train"] > 0
