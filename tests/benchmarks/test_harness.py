@@ -232,6 +232,8 @@ def test_cpu_kinds_needs_no_edit_per_machine():
     assert (demo["strategy"], demo["max_length"], demo["data"]["train_size"], demo["epochs"], demo["batch_size"]) == \
            (shipped.distributed.strategy, shipped.data.max_length, shipped.data.train_size, shipped.train.epochs,
             shipped.train.batch_size * demo["nproc"])  # the harness's batch_size is global
+    assert (demo["data"].get("truncation", "head"), demo["data"].get("head_tokens")) == \
+           (shipped.data.truncation, shipped.data.head_tokens)
     assert rows[demo["baseline_id"]]["precision"] == "fp32"  # the blog recipe, on the demo's examples
 
 
