@@ -15,12 +15,12 @@ def test_real_minilm_learns_the_shared_imdb_reviews_it_trains_on(tmp_path):
     # really trains classifies the reviews it saw well above chance (0.5, the classes balanced)
     out = tmp_path / "run"
     p = run_cli("launch/train.py", "--recipe", "recipes/imdb_minilm_local.yaml", f"output_dir={out}",
-                f"data.source={SHARED_DATA / 'imdb'}", "data.train_size=32", "data.eval_size=32",
-                "data.max_length=128", "train.batch_size=8", "train.max_steps=20", "train.lr=3e-4",
+                f"data.source={SHARED_DATA / 'imdb'}", "data.train_size=32", "data.holdout_size=32",
+                "data.test_size=32", "data.max_length=128", "train.batch_size=8", "train.max_steps=20", "train.lr=3e-4",
                 "train.log_every=4", "checkpoint.keep=0", timeout=1200)
     assert p.returncode == 0, p.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
-    assert m["base"]["n"] == m["tuned"]["n"] == 32
+    assert m["base"]["n"] == m["tuned"]["n"] == m["dev"]["tuned"]["n"] == 32  # test and dev, as the recipe says
     assert m["train"]["steps"] == 20 and m["train"]["samples"] == 160
     assert m["base"]["sha256"] != m["tuned"]["sha256"]
     assert m["data"]["labels"] == ["negative", "positive"]
