@@ -109,13 +109,13 @@ def test_keep_best_takes_the_best_eval(tiny_bert, tiny_data, tmp_path):
 
 def test_cli_prints_table_and_bad_data_exits_2(tiny_bert, tiny_data, tmp_path):
     p = run_cli("launch/train.py", "--recipe", "recipes/demo_minilm_imdb.yaml",
-                *tiny_overrides(tiny_bert, tiny_data, tmp_path / "ok"), "data.eval_split=test",
+                *tiny_overrides(tiny_bert, tiny_data, tmp_path / "ok"), "data.head_tokens=8", "data.eval_split=test",
                 "data.holdout_size=0", "data.train_size=null", "train.precision=fp32", "data.where={}",
                 "data.label_names=null")
     assert p.returncode == 0, p.stderr
     assert "accuracy" in p.stdout and "tuned" in p.stdout
     bad = run_cli("launch/train.py", "--recipe", "recipes/demo_minilm_imdb.yaml",
-                  *tiny_overrides(tiny_bert, tmp_path / "nowhere", tmp_path / "bad"))
+                  *tiny_overrides(tiny_bert, tmp_path / "nowhere", tmp_path / "bad"), "data.head_tokens=8")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: data.source does not exist"]
     assert not (tmp_path / "bad" / "metrics.json").exists()
