@@ -26,8 +26,8 @@ def num(x, fmt: str) -> str:
 
 def acc(r: dict, key: str = "accuracy") -> str:
     """An accuracy with its standard error on the examples scored (where the record knows how many)."""
-    se = r.get(f"{key}_se")
-    return num(r.get(key), ".4f") + (f" ± {se:.4f}" if se is not None and r.get(key) is not None else "")
+    se = r.get(f"{key}_se")  # records.summarize sets it only beside an accuracy
+    return num(r.get(key), ".4f") + (f" ± {se:.4f}" if se is not None else "")
 
 
 def table(records: list[dict]) -> list[str]:

@@ -80,10 +80,11 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, label_names: 
     recall = np.divide(tp, actual, out=np.zeros(k), where=actual > 0)
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=(precision + recall) > 0)
     nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))
+    accuracy = float((preds == labels).mean()) if len(labels) else 0.0
     return {
         "n": int(len(labels)),
-        "accuracy": float((preds == labels).mean()) if len(labels) else 0.0,
-        "accuracy_se": standard_error(float((preds == labels).mean()), len(labels)) if len(labels) else 0.0,
+        "accuracy": accuracy,
+        "accuracy_se": standard_error(accuracy, len(labels)),
         # over every class the model can predict, absent from the gold labels or not (scikit-learn's
         # f1_score(average="macro", labels=range(k))): dropping one would reward predicting it
         "f1": float(f1[list(range(k)) if f1_classes is None else sorted(f1_classes)].mean()) if k else 0.0,
