@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.hardware import cpu_model_and_flags
+
 MFU_FORMULA = (
     "FLOPs per token = 6 x N + 12 x L x H x S (forward + backward), where N = non-embedding "
     "parameters (every parameter outside nn.Embedding modules: attention, MLP, LayerNorm, pooler, "
@@ -198,16 +200,11 @@ def cpu_fingerprint() -> dict:
     info = {"model": platform.processor() or None, "logical_cores": os.cpu_count(),
             "usable_cores": len(usable_cpus()), "flags": [], "memory_bytes": None,
             "kernel": platform.release(), "machine": platform.machine()}
+    model, flags = cpu_model_and_flags()
+    info["model"] = model or info["model"]
+    info["flags"] = [f for f in ISA_FLAGS if f in set(flags)]
     try:
-        text = Path("/proc/cpuinfo").read_text()
-        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        if m:
-            info["model"] = m.group(1).strip()
-        m = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-        if m:
-            have = set(m.group(1).split())
-            info["flags"] = [f for f in ISA_FLAGS if f in have]
-        sockets = set(re.findall(r"^physical id\s*:\s*(\d+)", text, re.M))
+        sockets = set(re.findall(r"^physical id\s*:\s*(\d+)", Path("/proc/cpuinfo").read_text(), re.M))
         info["sockets"] = len(sockets) or None
     except OSError:
         pass

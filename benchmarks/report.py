@@ -1,9 +1,16 @@
-"""results.json -> results.md (a table) and PNG plots: throughput, accuracy against time, scaling with nproc."""
+"""results.json -> results.md (a table) and PNG plots: throughput, accuracy against time, scaling with nproc.
+
+    python benchmarks/report.py benchmarks/results/NAME [--summary]
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+# run by path (python benchmarks/report.py FOLDER): the repository root first, as in run.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.matrix import model_label
 from engine.plots import pyplot, save

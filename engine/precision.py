@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import RecipeError
+from engine.hardware import cpu_model_and_flags
 from engine.paths import user_cache_dir, write_json_atomic
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,19 +99,9 @@ def cpu_ratio(low: str, probe: Callable[[str, int], float] | None = None) -> flo
 
 def machine_id() -> str:
     """The CPU model and its feature flags: what decides whether bf16 is native."""
-    model, flags = platform.processor() or platform.machine(), ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                name = name.strip()
-                if name == "model name" and model != value.strip():
-                    model = value.strip()
-                elif name in ("flags", "Features") and not flags:
-                    flags = " ".join(sorted(value.split()))
-    except OSError:  # not Linux: the model name alone
-        pass
-    return f"{model} flags {hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+    model, flags = cpu_model_and_flags()
+    model = model or platform.processor() or platform.machine()
+    return f"{model} flags {hashlib.sha256(' '.join(sorted(flags)).encode()).hexdigest()[:12]}"
 
 
 def matmul_seconds(name: str, threads: int) -> float:
