@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.hardware import cpu_model_and_flags
+from engine.hardware import read_cpuinfo
 
 MFU_FORMULA = (
     "FLOPs per token = 6 x N + 12 x L x H x S (forward + backward), where N = non-embedding "
@@ -198,16 +198,12 @@ def tree_rss_bytes(root: int) -> int:
 
 def cpu_fingerprint() -> dict:
     info = {"model": platform.processor() or None, "logical_cores": os.cpu_count(),
-            "usable_cores": len(usable_cpus()), "flags": [], "memory_bytes": None,
+            "usable_cores": len(usable_cpus()), "flags": [], "sockets": None, "memory_bytes": None,
             "kernel": platform.release(), "machine": platform.machine()}
-    model, flags = cpu_model_and_flags()
-    info["model"] = model or info["model"]
-    info["flags"] = [f for f in ISA_FLAGS if f in set(flags)]
-    try:
-        sockets = set(re.findall(r"^physical id\s*:\s*(\d+)", Path("/proc/cpuinfo").read_text(), re.M))
-        info["sockets"] = len(sockets) or None
-    except OSError:
-        pass
+    cpu = read_cpuinfo()
+    info["model"] = cpu.model or info["model"]
+    info["flags"] = [f for f in ISA_FLAGS if f in set(cpu.flags)]
+    info["sockets"] = cpu.sockets
     try:
         m = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
         info["memory_bytes"] = int(m.group(1)) * 1024 if m else None

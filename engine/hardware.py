@@ -2,11 +2,19 @@
 cache on it, and the benchmark harness records it beside every figure."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 
-def cpu_model_and_flags(path: str = "/proc/cpuinfo") -> tuple[str | None, list[str]]:
-    """The CPU's model name and feature flags from /proc/cpuinfo (x86 `flags`, Arm `Features`);
-    (None, []) where there is no such file. The harness's hardware block reads the same."""
-    model, flags = None, []
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model: str | None = None  # the first processor's `model name` (Arm kernels often give none)
+    flags: list[str] = field(default_factory=list)  # x86 `flags`, Arm `Features`
+    sockets: int | None = None  # distinct `physical id`s, where the kernel says
+
+
+def read_cpuinfo(path: str = "/proc/cpuinfo") -> CpuInfo:
+    """One pass over /proc/cpuinfo; an empty CpuInfo where there is no such file (not Linux)."""
+    model, flags, sockets = None, [], set()
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
@@ -16,6 +24,8 @@ def cpu_model_and_flags(path: str = "/proc/cpuinfo") -> tuple[str | None, list[s
                     model = value.strip()
                 elif name in ("flags", "Features") and not flags:
                     flags = value.split()
-    except OSError:  # not Linux
+                elif name == "physical id":
+                    sockets.add(value.strip())
+    except OSError:
         pass
-    return model, flags
+    return CpuInfo(model, flags, len(sockets) or None)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import RecipeError
-from engine.hardware import cpu_model_and_flags
+from engine.hardware import read_cpuinfo
 from engine.paths import user_cache_dir, write_json_atomic
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -99,9 +99,9 @@ def cpu_ratio(low: str, probe: Callable[[str, int], float] | None = None) -> flo
 
 def machine_id() -> str:
     """The CPU model and its feature flags: what decides whether bf16 is native."""
-    model, flags = cpu_model_and_flags()
-    model = model or platform.processor() or platform.machine()
-    return f"{model} flags {hashlib.sha256(' '.join(sorted(flags)).encode()).hexdigest()[:12]}"
+    cpu = read_cpuinfo()
+    model = cpu.model or platform.processor() or platform.machine()
+    return f"{model} flags {hashlib.sha256(' '.join(sorted(cpu.flags)).encode()).hexdigest()[:12]}"
 
 
 def matmul_seconds(name: str, threads: int) -> float:
