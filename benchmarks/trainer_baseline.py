@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -54,10 +55,17 @@ from engine.sources import load_splits
 class Counting:
     """The collator, unchanged, plus a tally of each training batch's examples and tokens."""
 
-    def __init__(self, collator):
+    def __init__(self, collator, workers: int = 0):
         self.collator = collator
         self.training = True
-        self.batches = []  # (samples, real tokens, padded tokens), in the order the Trainer asks
+        # (samples, real tokens, padded tokens), in the order the loader makes them. With loader
+        # workers (dataloader_num_workers) the collator runs in their processes, so a manager's list
+        # carries the tally back; the main process reads it once, at the end
+        self._manager = multiprocessing.Manager() if workers else None
+        self.batches = self._manager.list() if workers else []
+
+    def __getstate__(self):  # what a worker process gets: the manager itself stays here
+        return {**self.__dict__, "_manager": None}
 
     def __call__(self, features):
         batch = self.collator(features)
@@ -115,7 +123,7 @@ def blog_trainer(s: dict, splits, kwargs: dict, clock: StepClock) -> tuple[Train
 
     tokenized_train = train.map(preprocess_function, batched=True)
     tokenized_test = test.map(preprocess_function, batched=True)
-    data_collator = Counting(DataCollatorWithPadding(tokenizer=tokenizer))
+    data_collator = Counting(DataCollatorWithPadding(tokenizer=tokenizer), kwargs.get("dataloader_num_workers", 0))
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=len(label_names))
 
     def compute_metrics(eval_pred):
@@ -187,9 +195,10 @@ def main() -> int:
     final = None
     if s["epochs"]:  # trained to the end: the blog's trainer.evaluate()
         final = trainer.evaluate()
-    timeline = clock.timeline(data_collator.batches, s["grad_accum"], world)
+    batches = list(data_collator.batches)
+    timeline = clock.timeline(batches, s["grad_accum"], world)
     # each rank counted its own batches: scale rank 0's tally to the sum over ranks
-    mine, total = all_ranks(data_collator.batches, world)
+    mine, total = all_ranks(batches, world)
     cuda_peak = cuda_peak_bytes(world)
     if rank == 0:
         model = trainer.model
