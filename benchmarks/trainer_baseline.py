@@ -60,7 +60,9 @@ class Counting:
         self.training = True
         # (samples, real tokens, padded tokens), in the order the loader makes them. With loader
         # workers (dataloader_num_workers) the collator runs in their processes, so a manager's list
-        # carries the tally back; the main process reads it once, at the end
+        # carries the tally back; the main process reads it once, at the end. Workers finish batches
+        # out of turn, so a step's token count may be off by a batch's padding until the epoch ends;
+        # sample counts are exact
         self._manager = multiprocessing.Manager() if workers else None
         self.batches = self._manager.list() if workers else []
 

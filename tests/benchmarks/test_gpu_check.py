@@ -15,11 +15,13 @@ def test_dry_run_lists_every_cuda_path_and_the_gpu_matrix(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     steps = {line.split()[0]: line for line in p.stdout.splitlines() if line and not line.startswith(" ")}
     for name in ("prepare", "fused-adamw-bf16", "bf16-actckpt", "save-reload", "ddp-nccl", "fsdp2-nccl", "lora",
-                 "qlora"):
+                 "qlora", "learned"):
         assert name in steps, (name, p.stdout)
     assert "train.activation_checkpointing=true" in steps["bf16-actckpt"]
     assert "--nproc_per_node=1" in steps["ddp-nccl"] and "distributed.strategy=ddp" in steps["ddp-nccl"]
     assert "distributed.strategy=fsdp" in steps["fsdp2-nccl"] and "peft.method=lora" in steps["lora"]
+    assert "train.max_steps=48" in steps["bf16-actckpt"]  # long enough to learn: `learned` asserts it
+    assert "peft.target_modules=[all-linear]" in steps["lora"]  # adapters on a random body learn only there
     assert "peft.method=qlora" in steps["qlora"] or "skipped here: bitsandbytes" in steps["qlora"]
     scenarios = [line.split()[0] for line in p.stdout.splitlines() if line.startswith("  ")]
     for model in ("distilbert-base", "bert-base"):
