@@ -97,7 +97,7 @@ DATA=$WORK/data/synthetic
 common=(--recipe "$WORK/empty.yaml" --overwrite "model.name_or_path=$MODEL" "data.source=$DATA"
         data.max_length=128 train.batch_size=16 train.max_steps=48 train.lr=3e-3 train.log_every=12
         train.precision=auto checkpoint.every=24)
-adapters=(train.lr=1e-2 "peft.target_modules=[all-linear]")
+adapters=(train.lr=1e-2 "peft.target_modules=[all-linear]")  # no spaces inside: the dry run splits on them
 train() {  # NAME LAUNCHER... -- OVERRIDES...: launch/train.py into $WORK/runs/NAME
   local name=$1; shift
   local launcher=()
@@ -109,10 +109,11 @@ torchrun1=("$PY" -m torch.distributed.run --standalone --nproc_per_node=1)
 
 if (( DRY )); then
   # what the listed commands need: valid recipe keys, and a matrix that loads
-  PYTHONPATH=$ROOT "$PY" - "${common[@]:3}" <<'EOF' || exit 1
+  PYTHONPATH=$ROOT ADAPTERS="${adapters[*]}" "$PY" - "${common[@]:3}" <<'EOF' || exit 1
+import os
 import sys
 from engine.config import load_recipe
-adapters = ["train.lr=1e-2", "peft.target_modules=[all-linear]"]
+adapters = os.environ["ADAPTERS"].split()
 for extra in ([], ["train.activation_checkpointing=true"], ["distributed.strategy=ddp"],
               ["distributed.strategy=fsdp"], ["peft.method=lora", *adapters], ["peft.method=qlora", *adapters]):
     load_recipe(None, sys.argv[1:] + ["output_dir=x"] + extra)
