@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One check for a lent CUDA machine (one GPU; written for an H100, at most 8 minutes): no network
-# there and at most 64 MiB of files with the checkout, so every model is built from its config
-# (random weights, benchmarks/build.py) and every data set is synthetic.
-#   (a) every CUDA path of the engine once, at small size: bf16 autocast (precision auto must pick
-#       bf16 there), fused AdamW, activation checkpointing, save and reload of tuned/, DDP and
-#       FSDP2 at world size 1 over nccl, LoRA, and QLoRA when bitsandbytes imports (else a line
-#       saying it was skipped);
+# One check for a lent CUDA machine (one GPU, at most 8 minutes): no network there and at most
+# 64 MiB of files with the checkout, so every model is built from its config (random weights,
+# benchmarks/build.py) and every data set is synthetic.
+#   (a) every CUDA path of the engine once, at small size (a tiny BERT, 48 steps): bf16 autocast
+#       (precision auto must pick bf16 there), fused AdamW, activation checkpointing, save and
+#       reload of tuned/, DDP and FSDP2 at world size 1 over nccl, LoRA, and QLoRA when
+#       bitsandbytes imports (else a line saying it was skipped); then `learned`: each of those
+#       runs scored at least 0.75 after training (the untrained model scores 0.5);
 #   (b) benchmarks/matrices/gpu.yaml: DistilBERT- and BERT-base shapes, seq 512, bf16, the engine
 #       against the Trainer with the same levers, MFU against the datasheet peak.
 #
@@ -185,9 +186,9 @@ low = {}
 for f in runs:
     m = json.loads(f.read_text())
     print(f.parent.name, 'base', m['base']['accuracy'], '-> tuned', m['tuned']['accuracy'])
-    if m['tuned']['accuracy'] < 0.8:
+    if m['tuned']['accuracy'] < 0.75:  # 64 reviews: chance (0.5) is 4 standard errors below
         low[f.parent.name] = m['tuned']['accuracy']
-assert not low, f'tuned accuracy under 0.8: {low}'
+assert not low, f'tuned accuracy under 0.75: {low}'
 "
 
 # (b) the matrix, in what the 8 minutes leave (the harness keeps what finished if time runs out)

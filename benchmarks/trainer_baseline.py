@@ -14,7 +14,8 @@ with what a benchmark needs and the blog does not do:
   - `tokenizer=` is `processing_class=` in transformers 5; `load_metric` is gone, so accuracy and
     F1 come from engine.metrics (the engine's own definitions: macro-F1);
   - observers that change nothing the Trainer does: a callback timing each optimizer step (evaluation
-    excluded), and a wrapper around the collator counting real and padded tokens per batch.
+    excluded), and a wrapper around `training_step` counting each micro-batch's real and padded tokens
+    (one small sum on the device per micro-batch, read back at the end).
 Writes DIR/bench.json: the step timeline, evaluations, parameter counts and peak CUDA memory.
 """
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -52,29 +52,28 @@ from engine.precision import choose
 from engine.sources import load_splits
 
 
-class Counting:
-    """The collator, unchanged, plus a tally of each training batch's examples and tokens."""
+class Tally:
+    """Each training micro-batch's examples and tokens, counted where the Trainer hands it to
+    `training_step`: in training order, whichever process collated it (dataloader_num_workers), and
+    never an evaluation batch. The real-token count stays on the batch's device (no sync per step)
+    and is read back once, at the end."""
 
-    def __init__(self, collator, workers: int = 0):
-        self.collator = collator
-        self.training = True
-        # (samples, real tokens, padded tokens), in the order the loader makes them. With loader
-        # workers (dataloader_num_workers) the collator runs in their processes, so a manager's list
-        # carries the tally back; the main process reads it once, at the end. Workers finish batches
-        # out of turn, so a step's token count may be off by a batch's padding until the epoch ends;
-        # sample counts are exact
-        self._manager = multiprocessing.Manager() if workers else None
-        self.batches = self._manager.list() if workers else []
+    def __init__(self):
+        self.rows = []  # (samples, real tokens: a 0-d tensor, padded tokens)
 
-    def __getstate__(self):  # what a worker process gets: the manager itself stays here
-        return {**self.__dict__, "_manager": None}
+    def wrap(self, training_step):
+        def counted(model, inputs, *args, **kwargs):
+            mask = inputs["attention_mask"]
+            self.rows.append((int(mask.shape[0]), mask.sum(), int(mask.numel())))
+            return training_step(model, inputs, *args, **kwargs)
+        return counted
 
-    def __call__(self, features):
-        batch = self.collator(features)
-        if self.training:
-            mask = batch["attention_mask"]
-            self.batches.append((int(mask.shape[0]), int(mask.sum()), int(mask.numel())))
-        return batch
+    def batches(self) -> list[tuple[int, int, int]]:
+        """(samples, real tokens, padded tokens) per micro-batch trained."""
+        if not self.rows:
+            return []
+        real = torch.stack([r[1].to("cpu") for r in self.rows]).tolist()
+        return [(n, int(t), padded) for (n, _, padded), t in zip(self.rows, real, strict=True)]
 
 
 def load_examples(s: dict):
@@ -111,9 +110,9 @@ def training_arguments(s: dict, out: Path) -> dict:
     return kwargs
 
 
-def blog_trainer(s: dict, splits, kwargs: dict, clock: StepClock) -> tuple[Trainer, Counting]:
+def blog_trainer(s: dict, splits, kwargs: dict, clock: StepClock) -> tuple[Trainer, Tally]:
     """The blog's recipe: tokenizer, tokenized datasets, padding collator, model, metrics, Trainer;
-    evaluation taken off the clock and out of the token tally."""
+    evaluation taken off the clock, training micro-batches tallied."""
     label_names = splits.label_names
     model_path = resolve(s["model"])
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -125,7 +124,7 @@ def blog_trainer(s: dict, splits, kwargs: dict, clock: StepClock) -> tuple[Train
 
     tokenized_train = train.map(preprocess_function, batched=True)
     tokenized_test = test.map(preprocess_function, batched=True)
-    data_collator = Counting(DataCollatorWithPadding(tokenizer=tokenizer), kwargs.get("dataloader_num_workers", 0))
+    data_collator = DataCollatorWithPadding(tokenizer=tokenizer)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=len(label_names))
 
     def compute_metrics(eval_pred):
@@ -136,19 +135,19 @@ def blog_trainer(s: dict, splits, kwargs: dict, clock: StepClock) -> tuple[Train
     trainer = Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=tokenized_train,
                       eval_dataset=tokenized_test, processing_class=tokenizer, data_collator=data_collator,
                       compute_metrics=compute_metrics, callbacks=[clock.callback(TrainerCallback)])
+    tally = Tally()
+    trainer.training_step = tally.wrap(trainer.training_step)
     evaluate = trainer.evaluate
 
     def timed_evaluate(*a, **kw):  # evaluation is not training: its time leaves the clock
-        data_collator.training = False
         started = time.perf_counter()
         try:
             return evaluate(*a, **kw)
         finally:
             clock.excluded += time.perf_counter() - started
-            data_collator.training = True
 
     trainer.evaluate = timed_evaluate
-    return trainer, data_collator
+    return trainer, tally
 
 
 def all_ranks(batches: list, world: int) -> tuple[np.ndarray, np.ndarray]:
@@ -191,13 +190,13 @@ def main() -> int:
     splits = load_examples(s)
     kwargs = training_arguments(s, out)
     clock = StepClock()
-    trainer, data_collator = blog_trainer(s, splits, kwargs, clock)
+    trainer, tally = blog_trainer(s, splits, kwargs, clock)
     trainer.train()
 
     final = None
     if s["epochs"]:  # trained to the end: the blog's trainer.evaluate()
         final = trainer.evaluate()
-    batches = list(data_collator.batches)
+    batches = tally.batches()
     timeline = clock.timeline(batches, s["grad_accum"], world)
     # each rank counted its own batches: scale rank 0's tally to the sum over ranks
     mine, total = all_ranks(batches, world)
@@ -256,7 +255,7 @@ class StepClock:
         """[step, seconds, samples, real tokens, padded tokens] cumulative, the whole job's (x world)."""
         rows = [[0, 0.0, 0, 0, 0]]
         for step, t in self.steps:
-            taken = batches[: step * grad_accum]  # the loader runs ahead: count only what was trained
+            taken = batches[: step * grad_accum]
             rows.append([step, t] + [sum(b[i] for b in taken) * world for i in range(3)])
         return rows
 

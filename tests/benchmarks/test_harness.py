@@ -531,24 +531,34 @@ def test_qlora_accuracy_and_time_to_target_come_from_one_model(tmp_path):
     assert (rec["snapshot_accuracy"], rec["snapshot_base_accuracy"]) == (0.8472, 0.500)
 
 
-def test_trainer_runner_tallies_the_same_epoch_with_loader_workers(tmp_path, tiny_bert, tiny_data):
-    """gpu_trainer_levers.yaml gives the Trainer dataloader_num_workers: its collator then runs in worker
-    processes, and the tally of samples and tokens must still reach bench.json, whole."""
-    timelines = {}
-    for workers in (0, 2):
-        out = tmp_path / f"workers{workers}"
-        out.mkdir()
-        settings = {"max_length": 32, "batch_size": 8, "nproc": 1, "grad_accum": 1, "lr": 1e-3,
-                    "steps": 24, "epochs": None,  # one epoch of the 192 reviews
-                    "precision": "fp32", "group_by_length": None, "compile": False, "eval_every": 0, "seed": 42,
-                    "trainer_args": {"dataloader_num_workers": workers}, "model": tiny_bert,
-                    "data_overrides": [f"data.source={tiny_data}", "data.max_length=32", "seed=42"]}
-        (out / "settings.json").write_text(json.dumps(settings))
-        p = run_cli("benchmarks/trainer_baseline.py", "--settings", out / "settings.json", "--out", out,
-                    env={"OMP_NUM_THREADS": "1"}, timeout=300)
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-        timelines[workers] = json.loads((out / "bench.json").read_text())["timeline"]
-    alone, workers = timelines[0], timelines[2]
-    assert [row[0] for row in workers] == [row[0] for row in alone] == list(range(25))
-    assert [row[2] for row in workers] == [row[2] for row in alone] == [8 * step for step in range(25)]
-    assert workers[-1][2:] == alone[-1][2:] and 0 < alone[-1][3] < alone[-1][4]  # real < padded tokens
+def run_trainer_runner(out: Path, model: str, data: str, **settings) -> list:
+    """benchmarks/trainer_baseline.py on the tiny model and data; its bench.json timeline."""
+    out.mkdir()
+    s = {"max_length": 32, "batch_size": 8, "nproc": 1, "grad_accum": 1, "lr": 1e-3, "steps": None, "epochs": None,
+         "precision": "fp32", "group_by_length": None, "compile": False, "eval_every": 0, "seed": 42,
+         "trainer_args": {}, "model": model,
+         "data_overrides": [f"data.source={data}", "data.max_length=32", "seed=42"], **settings}
+    (out / "settings.json").write_text(json.dumps(s))
+    p = run_cli("benchmarks/trainer_baseline.py", "--settings", out / "settings.json", "--out", out,
+                env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return json.loads((out / "bench.json").read_text())["timeline"]
+
+
+def test_trainer_runner_tallies_what_it_trained_with_loader_workers(tmp_path, tiny_bert, tiny_data):
+    """gpu_trainer_levers.yaml gives the Trainer dataloader_num_workers, whose processes then collate:
+    the tally of samples and tokens is still the trained batches', step for step, also when the run
+    stops mid-epoch (the loader has made batches ahead)."""
+    mid_epoch = {"steps": 10}  # of the 24 a 192-review epoch has
+    alone = run_trainer_runner(tmp_path / "alone", tiny_bert, tiny_data, **mid_epoch)
+    workers = run_trainer_runner(tmp_path / "workers", tiny_bert, tiny_data, **mid_epoch,
+                                 trainer_args={"dataloader_num_workers": 2})
+    assert [row[0] for row in alone] == list(range(11))
+    assert [row[2:] for row in workers] == [row[2:] for row in alone]
+    assert [row[2] for row in alone] == [8 * step for step in range(11)]
+    assert 0 < alone[-1][3] < alone[-1][4]  # real tokens, fewer than the padded ones
+    # a whole epoch, then scored (the runner's trainer.evaluate())
+    epoch = run_trainer_runner(tmp_path / "epoch", tiny_bert, tiny_data, epochs=1,
+                               trainer_args={"dataloader_num_workers": 2})
+    assert epoch[-1][0] == 24 and epoch[-1][2] == 192
+    assert epoch[10][2:] == alone[-1][2:]  # the same batches, in the same order, as far as both went
