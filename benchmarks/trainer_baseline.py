@@ -110,7 +110,7 @@ def training_arguments(s: dict, out: Path) -> dict:
     return kwargs
 
 
-def blog_trainer(s: dict, splits, kwargs: dict, clock: StepClock) -> tuple[Trainer, Tally]:
+def blog_trainer(s: dict, splits, kwargs: dict, clock: StepClock, tally: Tally) -> Trainer:
     """The blog's recipe: tokenizer, tokenized datasets, padding collator, model, metrics, Trainer;
     evaluation taken off the clock, training micro-batches tallied."""
     label_names = splits.label_names
@@ -135,7 +135,6 @@ def blog_trainer(s: dict, splits, kwargs: dict, clock: StepClock) -> tuple[Train
     trainer = Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=tokenized_train,
                       eval_dataset=tokenized_test, processing_class=tokenizer, data_collator=data_collator,
                       compute_metrics=compute_metrics, callbacks=[clock.callback(TrainerCallback)])
-    tally = Tally()
     trainer.training_step = tally.wrap(trainer.training_step)
     evaluate = trainer.evaluate
 
@@ -147,7 +146,7 @@ def blog_trainer(s: dict, splits, kwargs: dict, clock: StepClock) -> tuple[Train
             clock.excluded += time.perf_counter() - started
 
     trainer.evaluate = timed_evaluate
-    return trainer, tally
+    return trainer
 
 
 def all_ranks(batches: list, world: int) -> tuple[np.ndarray, np.ndarray]:
@@ -189,15 +188,16 @@ def main() -> int:
     s["precision"] = chosen.name
     splits = load_examples(s)
     kwargs = training_arguments(s, out)
-    clock = StepClock()
-    trainer, tally = blog_trainer(s, splits, kwargs, clock)
+    tally = Tally()
+    clock = StepClock(tally)
+    trainer = blog_trainer(s, splits, kwargs, clock, tally)
     trainer.train()
 
     final = None
     if s["epochs"]:  # trained to the end: the blog's trainer.evaluate()
         final = trainer.evaluate()
     batches = tally.batches()
-    timeline = clock.timeline(batches, s["grad_accum"], world)
+    timeline = clock.timeline(batches, world)
     # each rank counted its own batches: scale rank 0's tally to the sum over ranks
     mine, total = all_ranks(batches, world)
     cuda_peak = cuda_peak_bytes(world)
@@ -211,7 +211,8 @@ def main() -> int:
             "params": {"total_params": sum(p.numel() for p in model.parameters()),
                        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)},
             "cuda_peak_bytes": cuda_peak, "threads": torch.get_num_threads(),
-            "train_n": len(trainer.train_dataset), "eval_n": len(trainer.eval_dataset), **chosen.as_dict(),
+            "train_n": len(trainer.train_dataset), "eval_n": len(trainer.eval_dataset),
+            "micro_batches": len(batches), **chosen.as_dict(),
             "training_args": {k: v for k, v in kwargs.items() if k != "output_dir"},
         }
         tmp = out / "bench.json.tmp"
@@ -222,12 +223,14 @@ def main() -> int:
 
 
 class StepClock:
-    """Training-time clock at each optimizer step's end, evaluation time taken out."""
+    """Training-time clock at each optimizer step's end, evaluation time taken out, with the number of
+    micro-batches trained by then (an epoch's last step may accumulate fewer than grad_accum)."""
 
-    def __init__(self):
+    def __init__(self, tally: Tally):
+        self.tally = tally
         self.start = None
         self.excluded = 0.0
-        self.steps = []  # (global step, training seconds)
+        self.steps = []  # (global step, training seconds, micro-batches trained)
         self.evals = []  # {"step", "t", "accuracy", "f1"}
 
     def now(self) -> float:
@@ -241,7 +244,7 @@ class StepClock:
                 clock.start = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
-                clock.steps.append((state.global_step, clock.now()))
+                clock.steps.append((state.global_step, clock.now(), len(clock.tally.rows)))
 
             def on_evaluate(self, args, state, control, metrics=None, **kw):
                 if clock.start is not None and metrics:
@@ -251,11 +254,11 @@ class StepClock:
                                         "accuracy": metrics.get("eval_accuracy"), "f1": metrics.get("eval_f1")})
         return Clock()
 
-    def timeline(self, batches: list, grad_accum: int, world: int) -> list:
+    def timeline(self, batches: list, world: int) -> list:
         """[step, seconds, samples, real tokens, padded tokens] cumulative, the whole job's (x world)."""
         rows = [[0, 0.0, 0, 0, 0]]
-        for step, t in self.steps:
-            taken = batches[: step * grad_accum]
+        for step, t, trained in self.steps:
+            taken = batches[:trained]
             rows.append([step, t] + [sum(b[i] for b in taken) * world for i in range(3)])
         return rows
 

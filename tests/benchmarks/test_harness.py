@@ -211,7 +211,14 @@ def test_bad_matrix_stops_with_one_line_and_exit_2(tmp_path, text, message):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in MATRICES.glob("*.yaml")))
+SHIPPED_MATRICES = sorted(p.stem for p in MATRICES.glob("*.yaml"))
+
+
+def test_the_shipped_matrices_are_found():
+    assert {"cpu_smoke", "cpu_kinds", "gpu", "gpu_trainer_levers"} <= set(SHIPPED_MATRICES)
+
+
+@pytest.mark.parametrize("name", SHIPPED_MATRICES)
 def test_shipped_matrices_load(name):
     m = load_matrix(MATRICES / f"{name}.yaml")
     assert m["scenarios"] and len({s["id"] for s in m["scenarios"]}) == len(m["scenarios"])
@@ -531,8 +538,8 @@ def test_qlora_accuracy_and_time_to_target_come_from_one_model(tmp_path):
     assert (rec["snapshot_accuracy"], rec["snapshot_base_accuracy"]) == (0.8472, 0.500)
 
 
-def run_trainer_runner(out: Path, model: str, data: str, **settings) -> list:
-    """benchmarks/trainer_baseline.py on the tiny model and data; its bench.json timeline."""
+def run_trainer_runner(out: Path, model: str, data: str, **settings) -> dict:
+    """benchmarks/trainer_baseline.py on the tiny model and data (192 reviews: 24 batches of 8); its bench.json."""
     out.mkdir()
     s = {"max_length": 32, "batch_size": 8, "nproc": 1, "grad_accum": 1, "lr": 1e-3, "steps": None, "epochs": None,
          "precision": "fp32", "group_by_length": None, "compile": False, "eval_every": 0, "seed": 42,
@@ -542,23 +549,34 @@ def run_trainer_runner(out: Path, model: str, data: str, **settings) -> list:
     p = run_cli("benchmarks/trainer_baseline.py", "--settings", out / "settings.json", "--out", out,
                 env={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return json.loads((out / "bench.json").read_text())["timeline"]
+    return json.loads((out / "bench.json").read_text())
 
 
 def test_trainer_runner_tallies_what_it_trained_with_loader_workers(tmp_path, tiny_bert, tiny_data):
     """gpu_trainer_levers.yaml gives the Trainer dataloader_num_workers, whose processes then collate:
-    the tally of samples and tokens is still the trained batches', step for step, also when the run
-    stops mid-epoch (the loader has made batches ahead)."""
-    mid_epoch = {"steps": 10}  # of the 24 a 192-review epoch has
+    the tally of samples and tokens is still the trained batches', step for step, when the run stops
+    mid-epoch (the loader has made batches ahead) and when it evaluates during training."""
+    mid_epoch = {"steps": 10}  # of the 24 an epoch has
     alone = run_trainer_runner(tmp_path / "alone", tiny_bert, tiny_data, **mid_epoch)
     workers = run_trainer_runner(tmp_path / "workers", tiny_bert, tiny_data, **mid_epoch,
                                  trainer_args={"dataloader_num_workers": 2})
-    assert [row[0] for row in alone] == list(range(11))
-    assert [row[2:] for row in workers] == [row[2:] for row in alone]
-    assert [row[2] for row in alone] == [8 * step for step in range(11)]
-    assert 0 < alone[-1][3] < alone[-1][4]  # real tokens, fewer than the padded ones
-    # a whole epoch, then scored (the runner's trainer.evaluate())
-    epoch = run_trainer_runner(tmp_path / "epoch", tiny_bert, tiny_data, epochs=1,
+    assert alone["micro_batches"] == workers["micro_batches"] == 10
+    line = alone["timeline"]
+    assert [row[0] for row in line] == list(range(11)) and [row[2] for row in line] == [8 * i for i in range(11)]
+    assert [row[2:] for row in workers["timeline"]] == [row[2:] for row in line]
+    assert 0 < line[-1][3] < line[-1][4]  # real tokens, fewer than the padded ones
+    # a whole epoch with workers, the 33 test reviews scored at steps 8, 16 and 24 and once more at the
+    # end (the blog's trainer.evaluate()): only the 24 training batches count
+    epoch = run_trainer_runner(tmp_path / "epoch", tiny_bert, tiny_data, epochs=1, eval_every=8,
                                trainer_args={"dataloader_num_workers": 2})
-    assert epoch[-1][0] == 24 and epoch[-1][2] == 192
-    assert epoch[10][2:] == alone[-1][2:]  # the same batches, in the same order, as far as both went
+    assert epoch["micro_batches"] == 24 and [e["step"] for e in epoch["evals"]] == [8, 16, 24, 24]
+    assert epoch["timeline"][-1][:1] + epoch["timeline"][-1][2:3] == [24, 192]
+    assert epoch["timeline"][10][2:] == line[-1][2:]  # the same batches, in the same order, as far as both went
+
+
+def test_trainer_runner_timeline_follows_an_epochs_short_last_accumulation(tmp_path, tiny_bert, tiny_data):
+    """24 batches an epoch, accumulated 5 at a time: each epoch's last step trains 4 (5 steps an epoch)."""
+    run = run_trainer_runner(tmp_path / "accum", tiny_bert, tiny_data, grad_accum=5, epochs=2)
+    samples = {row[0]: row[2] for row in run["timeline"]}
+    assert run["micro_batches"] == 48 and max(samples) == 10
+    assert samples[4] == 4 * 5 * 8 and samples[5] == 192 and samples[6] == 192 + 5 * 8 and samples[10] == 384
