@@ -538,16 +538,21 @@ def test_qlora_accuracy_and_time_to_target_come_from_one_model(tmp_path):
     assert (rec["snapshot_accuracy"], rec["snapshot_base_accuracy"]) == (0.8472, 0.500)
 
 
-def run_trainer_runner(out: Path, model: str, data: str, **settings) -> dict:
-    """benchmarks/trainer_baseline.py on the tiny model and data (192 reviews: 24 batches of 8); its bench.json."""
+def run_trainer_runner(folder: Path, model: str, data: str, **settings) -> dict:
+    """The harness's own Trainer command (benchmarks/prepare.py) for one scenario on the tiny model and
+    data (192 reviews: 24 batches of 8), run as the harness runs it; its bench.json."""
+    import yaml
+
+    from benchmarks.prepare import Preparer
+
+    folder.mkdir()
+    matrix = {"settings": {"runner": "trainer", "model": model, "data": {"source": data}, "max_length": 32,
+                           "batch_size": 8, "lr": 1e-3, "precision": "fp32", **settings}}
+    scenario = load_matrix(write_matrix(folder, yaml.safe_dump(matrix)))["scenarios"][0]
+    out = folder / "run"
     out.mkdir()
-    s = {"max_length": 32, "batch_size": 8, "nproc": 1, "grad_accum": 1, "lr": 1e-3, "steps": None, "epochs": None,
-         "precision": "fp32", "group_by_length": None, "compile": False, "eval_every": 0, "seed": 42,
-         "trainer_args": {}, "model": model,
-         "data_overrides": [f"data.source={data}", "data.max_length=32", "seed=42"], **settings}
-    (out / "settings.json").write_text(json.dumps(s))
-    p = run_cli("benchmarks/trainer_baseline.py", "--settings", out / "settings.json", "--out", out,
-                env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    command = Preparer(folder, gpus=0).command(scenario, out)
+    p = run_cli(*command[1:], env={"OMP_NUM_THREADS": "1"}, timeout=300)  # [0] is this Python
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return json.loads((out / "bench.json").read_text())
 
