@@ -121,8 +121,8 @@ class Preparer:
         if self.gpus and s["nproc"] > self.gpus:
             return f"needs {s['nproc']} GPUs, {self.gpus} here"
         if s["runner"] == "trainer":
-            if s["method"] != "full":
-                return "the Trainer baseline (the blog's recipe) is full fine-tuning only"
+            if s["method"] not in ("full", "lora"):
+                return "the Trainer baseline (the blog's recipe) runs full fine-tuning, or LoRA through peft"
             if s["strategy"] == "fsdp":
                 return "the Trainer baseline runs DDP (torchrun) only"
         elif s["method"] != "full" and not self.peft:
@@ -166,12 +166,14 @@ class Preparer:
             recipe.write_text(BASE_RECIPE)
             return launcher + ["launch/train.py", "--recipe", str(recipe), "--overwrite",
                                *self.engine_overrides(s, model, source, run_dir)]
-        data_over = [o for o in self.engine_overrides(s, model, source, run_dir)
-                     if o.startswith(("data.", "seed="))]
+        overrides = self.engine_overrides(s, model, source, run_dir)
+        data_over = [o for o in overrides if o.startswith(("data.", "seed="))]
         settings = {k: s[k] for k in ("max_length", "batch_size", "nproc", "grad_accum", "lr", "steps", "epochs",
                                       "precision", "group_by_length", "compile", "eval_every", "seed",
-                                      "trainer_args")}
-        settings.update(model=model, data_overrides=data_over)
+                                      "trainer_args", "method")}
+        # LoRA: the engine's adapter settings, so both put the same adapters on the same layers
+        settings.update(model=model, data_overrides=data_over,
+                        peft_overrides=[o for o in overrides if o.startswith("peft.")])
         (run_dir / "settings.json").write_text(json.dumps(settings, indent=1))
         return launcher + ["benchmarks/trainer_baseline.py", "--settings", str(run_dir / "settings.json"),
                            "--out", str(run_dir)]

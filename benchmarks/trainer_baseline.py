@@ -19,7 +19,9 @@ with what a benchmark needs and the blog does not do:
   - a pre-tokenized source (benchmarks/gpu_material.py: splits with an `input_ids` column instead of a
     text column) is trained from its ids as stored: no tokenizer call (the tokenizer only pads), the
     rows the engine's selection picks (holdout, subsets: it works on the labels and row order alone);
-  - with data.test_split, the closing evaluation scores the test split, as the engine reports it.
+  - with data.test_split, the closing evaluation scores the test split, as the engine reports it;
+  - method lora: peft's get_peft_model with the engine's own LoraConfig (engine.adapters.lora_config:
+    the same rank, targets and whole-trained head), as a Trainer user adds LoRA.
 Writes DIR/bench.json: the step timeline, evaluations, parameter counts and peak CUDA memory.
 """
 from __future__ import annotations
@@ -199,6 +201,12 @@ def blog_trainer(s: dict, splits, ids: dict | None, kwargs: dict, clock: StepClo
     trainer_test = data.get("test")
     data_collator = DataCollatorWithPadding(tokenizer=tokenizer)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=len(label_names))
+    if s.get("method", "full") == "lora":
+        from peft import get_peft_model
+
+        from engine.adapters import lora_config
+
+        model = get_peft_model(model, lora_config(model, load_recipe(None, s.get("peft_overrides") or [])))
 
     def compute_metrics(eval_pred):
         logits, labels = eval_pred

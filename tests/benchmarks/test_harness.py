@@ -296,8 +296,10 @@ def test_scenarios_that_cannot_run_say_why(tmp_path):
     assert "needs ddp or fsdp" in prep.why_not(m["scenarios"][0])
     m = load_matrix(write_matrix(tmp_path, GOOD), ["batch_size=15", "nproc=2", "strategy=ddp"])
     assert "does not split evenly" in prep.why_not(m["scenarios"][0])
+    m = load_matrix(write_matrix(tmp_path, GOOD), ["runner=trainer", "method=qlora"])
+    assert "full fine-tuning, or LoRA through peft" in prep.why_not(m["scenarios"][0])
     m = load_matrix(write_matrix(tmp_path, GOOD), ["runner=trainer", "method=lora"])
-    assert "full fine-tuning only" in prep.why_not(m["scenarios"][0])
+    assert prep.why_not(m["scenarios"][0]) is None
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The Trainer baseline on a pre-tokenized source (benchmarks/gpu_material.py's layout: `input_ids` and
 `label` columns): the engine's selection of rows, the stored ids trained as they are, no tokenizer call."""
+import json
 import sys
 
 import numpy as np
@@ -76,3 +77,20 @@ def _held_out(data) -> list[int]:
 
     labels = pd.read_parquet(f"{data}/train.parquet")["label"].to_numpy()
     return stratified_subset(labels, 32, 42).tolist()
+
+
+def test_trainer_runner_lora_adapts_the_layers_the_engine_adapts(tmp_path, tiny_bert, tiny_data):
+    """method lora: the Trainer with peft, the engine's LoraConfig (rank, targets, whole head) from the
+    scenario's peft.* keys: the same trainable parameter count as the engine's own LoRA run."""
+    from conftest import run_cli, tiny_overrides
+
+    peft = ["peft.method=lora", "peft.r=4", "peft.target_modules=[query,value,key]"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("# overrides only\n")
+    p = run_cli("launch/train.py", "--recipe", recipe, *tiny_overrides(tiny_bert, tiny_data, tmp_path / "engine"),
+                "train.max_steps=2", *peft, env={"OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    engine = json.loads((tmp_path / "engine" / "metrics.json").read_text())["params"]
+    run = run_trainer_runner(tmp_path / "trainer", tiny_bert, tiny_data, steps=3, method="lora",
+                             recipe={"peft.r": 4, "peft.target_modules": ["query", "value", "key"]})
+    assert run["params"]["trainable_params"] == engine["trainable_params"] < run["params"]["total_params"]
