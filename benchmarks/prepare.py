@@ -69,6 +69,31 @@ def dry_precision(s: dict) -> str:
         torch.set_num_threads(threads)
 
 
+def invalid_settings(s: dict) -> str | None:
+    """What a scenario's command would be refused for, found without running it: engine overrides the
+    recipe loader rejects, or trainer_args that TrainingArguments does not take. None when all is valid."""
+    from engine.config import load_recipe
+    from engine.errors import RecipeError
+
+    prep = Preparer(Path("work"), gpus=0)
+    overrides = prep.engine_overrides(s, "model", "data", Path("out"))
+    if s["runner"] == "engine":
+        try:
+            load_recipe(None, overrides)
+        except RecipeError as e:
+            return f"engine overrides: {' '.join(str(e).split())[:200]}"
+        return None
+    try:  # the Trainer runner reads the data.* and peft.* overrides with the same loader
+        load_recipe(None, [o for o in overrides if o.startswith(("data.", "seed=", "peft."))])
+    except RecipeError as e:
+        return f"data/peft overrides: {' '.join(str(e).split())[:200]}"
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(s.get("trainer_args") or {}) - known)
+    return f"trainer_args {unknown}: not TrainingArguments fields in this transformers" if unknown else None
+
+
 class Preparer:
     def __init__(self, work: Path, gpus: int):
         self.work = work
