@@ -106,7 +106,7 @@ fi
 have_material=1
 [[ -e $MATERIAL/material.json ]] || have_material=0
 
-wanted prepare && step prepare 60 env PYTHONPATH="$ROOT" MATERIAL="$MATERIAL" "$PY" -c "
+wanted prepare && step prepare 60 env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" MATERIAL="$MATERIAL" "$PY" -c "
 import importlib.util, json, os, torch
 assert torch.cuda.is_available(), 'no CUDA device'
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))
