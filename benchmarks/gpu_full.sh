@@ -106,7 +106,7 @@ fi
 have_material=1
 [[ -e $MATERIAL/material.json ]] || have_material=0
 
-wanted prepare && step prepare 60 env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" MATERIAL="$MATERIAL" "$PY" -c "
+wanted prepare && step prepare 45 env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" MATERIAL="$MATERIAL" "$PY" -c "
 import importlib.util, json, os, torch
 assert torch.cuda.is_available(), 'no CUDA device'
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))
@@ -119,8 +119,8 @@ print('material:', info['model']['source'], info['model']['dtype'], {k: v['rows'
 "
 
 if (( have_material )) || (( DRY )); then
-  wanted analysis1 && matrix analysis1 170
-  wanted epochs && matrix epochs 170
+  wanted analysis1 && matrix analysis1 190
+  wanted epochs && matrix epochs 180
   RUN10=$WORK/epochs/runs/engine-10-epochs/r1  # its log and metrics are kept beside the curve
   wanted epoch-curve && step epoch-curve 30 bash -c "'$PY' benchmarks/epoch_curve.py '$RUN10' --out '$DEST/epochs' &&
     cp '$RUN10/log.jsonl' '$RUN10/metrics.json' '$DEST/epochs/'"

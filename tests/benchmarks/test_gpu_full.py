@@ -24,7 +24,7 @@ def test_dry_run_lists_every_step_and_scenario_and_writes_nothing(tmp_path):
     steps = {line.split()[0] for line in p.stdout.splitlines() if line and not line.startswith(" ")}
     assert {"prepare", "analysis1", "epochs", "epoch-curve", "limits", "recompiles"} <= steps, p.stdout
     scenarios = {line.split()[0] for line in p.stdout.splitlines() if line.startswith("  ")}
-    assert {"engine", "trainer-same-levers", "baseline", "engine-10-epochs", "bert-base", "bert-base-compile",
+    assert {"engine", "trainer-same-levers", "blog-recipe", "engine-10-epochs", "bert-base", "bert-base-compile",
             "bert-base-batch128", "llama1b-lora", "llama1b-trainer-lora", "llama1b-fsdp-full-actckpt",
             "llama1b-qlora", "bert-base-actckpt"} <= scenarios, p.stdout
     assert "no material at" in p.stdout and "a real run needs --commit" in p.stdout
