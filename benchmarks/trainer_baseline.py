@@ -16,6 +16,12 @@ with what a benchmark needs and the blog does not do:
   - observers that change nothing the Trainer does: a callback timing each optimizer step (evaluation
     excluded), and a wrapper around `training_step` counting each micro-batch's real and padded tokens
     (one small sum on the device per micro-batch, read back at the end).
+  - a pre-tokenized source (benchmarks/gpu_material.py: splits with an `input_ids` column instead of a
+    text column) is trained from its ids as stored: no tokenizer call (the tokenizer only pads), the
+    rows the engine's selection picks (holdout, subsets: it works on the labels and row order alone);
+  - with data.test_split, the closing evaluation scores the test split, as the engine reports it;
+  - method lora: peft's get_peft_model with the engine's own LoraConfig (engine.adapters.lora_config:
+    the same rank, targets and whole-trained head), as a Trainer user adds LoRA.
 Writes DIR/bench.json: the step timeline, evaluations, parameter counts and peak CUDA memory.
 """
 from __future__ import annotations
@@ -46,8 +52,9 @@ from transformers import (
 
 from engine import modeling
 from engine.config import load_recipe
+from engine.errors import DataError
 from engine.metrics import classification_metrics
-from engine.paths import resolve
+from engine.paths import is_local, resolve
 from engine.precision import choose
 from engine.sources import load_splits
 
@@ -76,12 +83,65 @@ class Tally:
         return [(n, int(t), padded) for (n, _, padded), t in zip(self.rows, real, strict=True)]
 
 
-def load_examples(s: dict):
+def load_examples(s: dict, work: Path):
     """The engine's selection of the same examples (same data.* overrides, seed and subsets), its
-    classes named as the engine names them: the recipe, the source, else the model's config."""
+    classes named as the engine names them: the recipe, the source, else the model's config; and for
+    a pre-tokenized source, {"train"|"eval"|"test": each selected example's stored ids} (else None)."""
     recipe = load_recipe(None, s["data_overrides"])
     model_cfg = dataclasses.replace(recipe.model, name_or_path=s["model"])
-    return load_splits(recipe.data, recipe.seed, lambda: modeling.config_label_names(model_cfg))
+    names = lambda: modeling.config_label_names(model_cfg)  # noqa: E731
+    stored = pretokenized(recipe.data)
+    if stored is None:
+        return load_splits(recipe.data, recipe.seed, names), None
+    # the engine's selection over stand-in texts that name each row: the same rows, no copy of its rules
+    keys = work / "row-keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    ids = {}
+    for split, table in stored.items():
+        ids[split] = table.column(IDS).to_pylist()
+        frame = table.drop_columns([IDS]).to_pandas()
+        frame[recipe.data.text_column] = [str(i) for i in range(len(frame))]
+        frame.to_parquet(keys / f"{split}.parquet")
+    cfg = recipe.data
+    splits = load_splits(dataclasses.replace(cfg, source=str(keys)), recipe.seed, names)
+    eval_split = cfg.train_split if cfg.holdout_size else cfg.eval_split
+    chosen = {"train": ids[cfg.train_split], "eval": ids[eval_split], "test": ids.get(cfg.test_split)}
+    out = {}
+    for part, table_ids in chosen.items():
+        examples = getattr(splits, part)
+        if examples is not None:
+            out[part] = [table_ids[int(k)] for k in examples.texts]
+            examples.origin = examples.origin.replace(str(keys), str(resolve(cfg.source)))
+    longest = max(len(x) for x in out["train"] + out["eval"])
+    if longest > s["max_length"]:
+        raise DataError(f"{cfg.source}: stored ids run to {longest} tokens, over max_length {s['max_length']}; "
+                        f"write the material at this length (benchmarks/gpu_material.py)")
+    return splits, out
+
+
+IDS = "input_ids"
+
+
+def pretokenized(cfg) -> dict | None:
+    """{split: pyarrow table} of a local folder whose parquet splits hold token ids, else None."""
+    import pyarrow.parquet as pq
+
+    if not is_local(cfg.source):
+        return None
+    folder = Path(resolve(cfg.source))
+    first = folder / f"{cfg.train_split}.parquet"
+    if not (first.is_file() and IDS in pq.read_schema(first).names):
+        return None
+    splits = {cfg.train_split, cfg.test_split, None if cfg.holdout_size else cfg.eval_split} - {None}
+    tables = {}
+    for split in splits:
+        path = folder / f"{split}.parquet"
+        if not path.is_file():
+            raise DataError(f"{folder}: no {split}.parquet beside {first.name} (a pre-tokenized source)")
+        tables[split] = pq.read_table(path)
+        if IDS not in tables[split].column_names:
+            raise DataError(f"{path}: no '{IDS}' column, as {first.name} has (a pre-tokenized source)")
+    return tables
 
 
 def training_arguments(s: dict, out: Path) -> dict:
@@ -110,22 +170,43 @@ def training_arguments(s: dict, out: Path) -> dict:
     return kwargs
 
 
-def blog_trainer(s: dict, splits, kwargs: dict, clock: StepClock, tally: Tally) -> Trainer:
+def tokenized_datasets(s: dict, splits, ids: dict | None, tokenizer) -> dict:
+    """{"train"|"eval"|"test": a datasets.Dataset of token ids and labels}: the blog's map of the
+    tokenizer over the texts, or the pre-tokenized source's ids as they are."""
+    out = {}
+    for part in ("train", "eval", "test"):
+        examples = getattr(splits, part)
+        if examples is None:
+            continue
+        if ids is not None:
+            out[part] = Dataset.from_dict({"input_ids": ids[part], "label": examples.labels.tolist()})
+            continue
+        ds = Dataset.from_dict({"text": examples.texts, "label": examples.labels.tolist()})
+
+        def preprocess_function(examples):
+            return tokenizer(examples["text"], truncation=True, max_length=s["max_length"])
+
+        out[part] = ds.map(preprocess_function, batched=True)
+    return out
+
+
+def blog_trainer(s: dict, splits, ids: dict | None, kwargs: dict, clock: StepClock, tally: Tally) -> Trainer:
     """The blog's recipe: tokenizer, tokenized datasets, padding collator, model, metrics, Trainer;
     evaluation taken off the clock, training micro-batches tallied."""
     label_names = splits.label_names
     model_path = resolve(s["model"])
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train = Dataset.from_dict({"text": splits.train.texts, "label": splits.train.labels.tolist()})
-    test = Dataset.from_dict({"text": splits.eval.texts, "label": splits.eval.labels.tolist()})
-
-    def preprocess_function(examples):
-        return tokenizer(examples["text"], truncation=True, max_length=s["max_length"])
-
-    tokenized_train = train.map(preprocess_function, batched=True)
-    tokenized_test = test.map(preprocess_function, batched=True)
+    data = tokenized_datasets(s, splits, ids, tokenizer)
+    tokenized_train, tokenized_test = data["train"], data["eval"]
+    trainer_test = data.get("test")
     data_collator = DataCollatorWithPadding(tokenizer=tokenizer)
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=len(label_names))
+    if s.get("method", "full") == "lora":
+        from peft import get_peft_model
+
+        from engine.adapters import lora_config
+
+        model = get_peft_model(model, lora_config(model, load_recipe(None, s.get("peft_overrides") or [])))
 
     def compute_metrics(eval_pred):
         logits, labels = eval_pred
@@ -146,6 +227,7 @@ def blog_trainer(s: dict, splits, kwargs: dict, clock: StepClock, tally: Tally) 
             clock.excluded += time.perf_counter() - started
 
     trainer.evaluate = timed_evaluate
+    trainer.test_dataset = trainer_test
     return trainer
 
 
@@ -186,16 +268,18 @@ def main() -> int:
         else torch.device("cpu")
     chosen = choose(s["precision"], device, say=print if rank == 0 else (lambda text: None))
     s["precision"] = chosen.name
-    splits = load_examples(s)
+    splits, ids = load_examples(s, out)
     kwargs = training_arguments(s, out)
     tally = Tally()
     clock = StepClock(tally)
-    trainer = blog_trainer(s, splits, kwargs, clock, tally)
+    trainer = blog_trainer(s, splits, ids, kwargs, clock, tally)
     trainer.train()
 
-    final = None
-    if s["epochs"]:  # trained to the end: the blog's trainer.evaluate()
-        final = trainer.evaluate()
+    final, scored, prefix = None, trainer.eval_dataset, "eval"
+    if s["epochs"]:  # trained to the end: the blog's trainer.evaluate(), on the test split where there is one
+        if trainer.test_dataset is not None:  # its own prefix: not a point of the dev curve
+            scored, prefix = trainer.test_dataset, "test"
+        final = trainer.evaluate(eval_dataset=scored, metric_key_prefix=prefix)
     batches = tally.batches()
     timeline = clock.timeline(batches, world)
     # each rank counted its own batches: scale rank 0's tally to the sum over ranks
@@ -207,11 +291,12 @@ def main() -> int:
             "timeline": timeline, "world": world,
             "token_factor": [float(total[i] / (mine[i] * world)) if mine[i] else 1.0 for i in (1, 2)],
             "evals": clock.evals,
-            "final": {k: final.get(f"eval_{k}") for k in ("accuracy", "f1", "loss")} if final else None,
+            "final": {k: final.get(f"{prefix}_{k}") for k in ("accuracy", "f1", "loss")} if final else None,
             "params": {"total_params": sum(p.numel() for p in model.parameters()),
                        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)},
             "cuda_peak_bytes": cuda_peak, "threads": torch.get_num_threads(),
-            "train_n": len(trainer.train_dataset), "eval_n": len(trainer.eval_dataset),
+            "train_n": len(trainer.train_dataset), "eval_n": len(scored),
+            "final_split": prefix, "pretokenized": ids is not None,
             "micro_batches": len(batches), **chosen.as_dict(),
             "training_args": {k: v for k, v in kwargs.items() if k != "output_dir"},
         }

@@ -296,8 +296,10 @@ def test_scenarios_that_cannot_run_say_why(tmp_path):
     assert "needs ddp or fsdp" in prep.why_not(m["scenarios"][0])
     m = load_matrix(write_matrix(tmp_path, GOOD), ["batch_size=15", "nproc=2", "strategy=ddp"])
     assert "does not split evenly" in prep.why_not(m["scenarios"][0])
+    m = load_matrix(write_matrix(tmp_path, GOOD), ["runner=trainer", "method=qlora"])
+    assert "full fine-tuning, or LoRA through peft" in prep.why_not(m["scenarios"][0])
     m = load_matrix(write_matrix(tmp_path, GOOD), ["runner=trainer", "method=lora"])
-    assert "full fine-tuning only" in prep.why_not(m["scenarios"][0])
+    assert prep.why_not(m["scenarios"][0]) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,15 +540,17 @@ def test_qlora_accuracy_and_time_to_target_come_from_one_model(tmp_path):
     assert (rec["snapshot_accuracy"], rec["snapshot_base_accuracy"]) == (0.8472, 0.500)
 
 
-def run_trainer_runner(folder: Path, model: str, data: str, **settings) -> dict:
+def run_trainer_runner(folder: Path, model: str, data: str | dict, **settings) -> dict:
     """The harness's own Trainer command (benchmarks/prepare.py) for one scenario on the tiny model and
-    data (192 reviews: 24 batches of 8), run as the harness runs it; its bench.json."""
+    data (192 reviews: 24 batches of 8; a folder, or the scenario's data mapping), run as the harness
+    runs it; its bench.json."""
     import yaml
 
     from benchmarks.prepare import Preparer
 
     folder.mkdir()
-    matrix = {"settings": {"runner": "trainer", "model": model, "data": {"source": data}, "max_length": 32,
+    data = data if isinstance(data, dict) else {"source": data}
+    matrix = {"settings": {"runner": "trainer", "model": model, "data": data, "max_length": 32,
                            "batch_size": 8, "lr": 1e-3, "precision": "fp32", **settings}}
     scenario = load_matrix(write_matrix(folder, yaml.safe_dump(matrix)))["scenarios"][0]
     out = folder / "run"
