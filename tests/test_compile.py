@@ -40,9 +40,14 @@ def reloads_as_reported(out, data, learned=True):
 def test_compiled_run_saves_what_it_scored(tiny_bert, tiny_data, tmp_path, keep_best):
     out = tmp_path / "run"
     extra = ["train.keep_best=true", "train.eval_every=6"] if keep_best else []
-    p = run_cli(*compiled_args(tiny_bert, tiny_data, out, *extra), env=EAGER)
+    p = run_cli(*compiled_args(tiny_bert, tiny_data, out, *extra, "checkpoint.keep=1"), env=EAGER)
     assert p.returncode == 0, p.stderr[-3000:]
     reloads_as_reported(out, tiny_data)
+    # the other weights a run keeps: its checkpoint and, with keep_best, the best so far
+    kept = [*(out / "checkpoints").glob("step-*/*.safetensors"), *(out / "checkpoints").glob("best.safetensors")]
+    assert len(kept) == (3 if keep_best else 1)
+    for f in kept:
+        assert not [k for k in load_file(f) if "_orig_mod" in k], f
 
 
 def test_compiled_lora_run_saves_what_it_scored(tiny_bert, tiny_data, tmp_path):
