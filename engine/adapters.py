@@ -197,8 +197,9 @@ def check_trainable(peft_model: nn.Module, head: list[str]) -> None:
 # Exports (rank 0)
 
 
-def export(trained: nn.Module, state: dict, out: str | Path, tokenizer, recipe: Recipe) -> dict:
-    """Write `adapter/` and the merged `tuned/` from the trained weights in `state`.
+def export(trained: nn.Module, state: dict, base: Path, dest: Path, tokenizer, recipe: Recipe) -> dict:
+    """Write `dest/adapter/` and the merged `dest/tuned/` from the trained weights in `state`;
+    the adapter goes on `base` (base/), and names it.
 
     The adapter is put on base/ reloaded in full precision, not on the model that trained: that
     is the same for LoRA, and for QLoRA it is the only way to a full-precision merge (merging into
@@ -207,14 +208,11 @@ def export(trained: nn.Module, state: dict, out: str | Path, tokenizer, recipe: 
     from peft import get_peft_model
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-    out = Path(out)
-    trained = getattr(trained, "_orig_mod", trained)  # torch.compile
     config = copy.deepcopy(trained.peft_config["default"])
     config.inference_mode = False
-    config.base_model_name_or_path = str(out / "base")  # what the adapter goes on
-    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+    config.base_model_name_or_path = str(base)  # what the adapter goes on
 
-    mcfg = dataclasses.replace(recipe.model, name_or_path=str(out / "base"), revision=None)
+    mcfg = dataclasses.replace(recipe.model, name_or_path=str(base), revision=None)
     fresh = get_peft_model(modeling.load_model(mcfg, dtype=torch.float32), config)
     adapter_state = get_peft_model_state_dict(fresh, state_dict=state)
     expected = get_peft_model_state_dict(fresh)
@@ -225,7 +223,7 @@ def export(trained: nn.Module, state: dict, out: str | Path, tokenizer, recipe: 
     if loaded.unexpected_keys:
         raise RuntimeError(f"adapter weights the model does not have: {loaded.unexpected_keys[:3]}")
 
-    final = out / "adapter"
+    final = Path(dest) / "adapter"
     tmp = checkpoint.atomic_dir(final)
     try:
         fresh.save_pretrained(tmp, safe_serialization=True)
@@ -238,5 +236,5 @@ def export(trained: nn.Module, state: dict, out: str | Path, tokenizer, recipe: 
             "target_modules": targets if isinstance(targets, str) else sorted(targets),
             "modules_to_save": saved_modules(fresh)}
     merged = fresh.merge_and_unload()
-    info["tuned_sha256"] = checkpoint.save_snapshot(merged, tokenizer, out / "tuned")
+    info["tuned_sha256"] = checkpoint.save_snapshot(merged, tokenizer, Path(dest) / "tuned")
     return info

@@ -47,6 +47,17 @@ def save_snapshot(model, tokenizer, folder: str | Path, state_dict=None) -> str:
     return file_sha256(final / WEIGHTS)
 
 
+def publish(staging: Path, out: Path, names=("adapter", "tuned")) -> None:
+    """Move the finished snapshots from `staging` into `out` (rank 0, once the run is scored; its
+    metrics.json is written after them, so a snapshot beside no metrics.json is of an unfinished run)."""
+    for name in names:
+        if (staging / name).is_dir():
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+            os.replace(staging / name, out / name)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -64,6 +75,7 @@ def file_sha256(path: str | Path) -> str:
 #   shard-R.safetensors   model weights + optimizer moments: rank R's shard under FSDP, the
 #                         whole of them from rank 0 otherwise
 #   rng-R.json            every RNG of rank R
+#   best.safetensors      with keep_best: the best weights so far (those of the state's `best`)
 # Nothing is pickled: tensors are safetensors, the rest JSON, so loading runs no stored code.
 
 CHECKPOINTS = "checkpoints"
@@ -91,8 +103,9 @@ def _flatten(model_sd: dict, optim_sd: dict, dist):
 
 
 def save_training_state(out_dir: str | Path, step: int, model, optimizer, scheduler, precision, dist,
-                        state: dict, keep: int) -> Path:
-    """Write checkpoints/step-N atomically on every rank's behalf; keep the newest `keep`."""
+                        state: dict, keep: int, extra: dict | None = None) -> Path:
+    """Write checkpoints/step-N atomically on every rank's behalf; keep the newest `keep`.
+    `extra` {name: file}: files (rank 0's, where they exist) that belong with this state."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -107,6 +120,9 @@ def save_training_state(out_dir: str | Path, step: int, model, optimizer, schedu
                   tmp / f"shard-{dist.rank if sharded else 0}.safetensors")
     _write_json(tmp / f"rng-{dist.rank}.json", rng_state())
     if dist.is_main:
+        for name, path in (extra or {}).items():
+            if Path(path).exists():
+                _link_or_copy(Path(path), tmp / name)
         _write_json(tmp / "state.json", {
             **state, "world_size": dist.world, "sharded": sharded,
             "scheduler": scheduler.state_dict(),
@@ -122,6 +138,38 @@ def save_training_state(out_dir: str | Path, step: int, model, optimizer, schedu
             shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the filesystem has them (the source is only ever replaced, never written
+    in place, so the link keeps its content), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def restore_extra(folder: Path, name: str, dest: Path) -> None:
+    """Put a checkpoint's `name` back at `dest` (rank 0, on resume); none in the checkpoint: none at
+    `dest` either, so nothing of an abandoned attempt outlives the state resumed."""
+    src = Path(folder) / name
+    if not src.exists():
+        Path(dest).unlink(missing_ok=True)
+        return
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    _link_or_copy(src, tmp)
+    os.replace(tmp, dest)
+
+
+def drop_newer(out_dir: str | Path, step: int) -> list[Path]:
+    """Remove the checkpoints after `step` (rank 0, on resume from it): they belong to an attempt
+    this run abandons, and pruning by step number would keep them over this run's own, for a later
+    `--resume auto` to pick."""
+    newer = [p for p in checkpoint_dirs(out_dir) if int(p.name[len(STEP_PREFIX):]) > step]
+    for p in newer:
+        shutil.rmtree(p)
+    return newer
 
 
 def read_state(folder: str | Path) -> dict:

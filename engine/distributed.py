@@ -151,8 +151,35 @@ class Dist:
         fully_shard(model, **kwargs)
         return model
 
+    def shard_snapshot(self, load, build) -> nn.Module:
+        """The model `load()` returns (a saved snapshot), sharded as training shards it but in its
+        own dtype (fp32: scored as saved, no mixed-precision policy). Only rank 0 loads the weights;
+        the others `build(config)` the model on the meta device and receive their shards from rank 0,
+        so no rank but the first ever holds a whole copy. All ranks call."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        model = load() if self.is_main else None
+        config = self.broadcast_object(model.config if self.is_main else None)
+        if not self.is_main:
+            with torch.device("meta"):
+                model = build(config)
+        full = model.state_dict() if self.is_main else {}
+        self._fully_shard(model, None)
+        if not self.is_main:
+            model.to_empty(device=torch.device("cpu") if self.cfg.cpu_offload else self.device)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
+        with torch.no_grad():  # buffers are not sharded, and state_dict() lacks the non-persistent ones
+            for buffer in model.buffers():
+                tdist.broadcast(buffer, src=0)
+        return model
+
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
+        """The plain model under torch.compile's wrapper and DDP's, whose state_dict keys carry
+        their prefixes (`_orig_mod.`, `module.`): saved so, a snapshot reloads as random weights."""
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
         return model.module if hasattr(model, "no_sync") and hasattr(model, "module") else model
 
     @contextlib.contextmanager

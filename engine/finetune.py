@@ -72,18 +72,20 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     model = convert(run, model)  # the model transforms: activation checkpointing, LoRA / QLoRA
     counts = modeling.param_counts(model)
     model = wrap(run, model)  # the strategy's wrapping, then torch.compile
+    seed_rank(run.recipe.seed, run.dist.rank)  # dropout differs across ranks; every init above was identical
     base_metrics, base_reused = score_base(run, model, data, base_sha, saved, attention)
     tracker = open_tracker(run, data, attention, base_metrics, base_reused and not saved, counts)
     state, throughput = train(run, model, data, tracker, saved,
                               {"fingerprint": fingerprint, "base_metrics": base_metrics})
     peak = peak_memory(run.dist)
     chosen = state.best if run.recipe.train.keep_best else state.evals[-1]  # the eval kept as tuned/
-    tuned_sha, exported = export_tuned(run, model, data.tokenizer)
+    tuned_sha, exported = export_tuned(run, model, data.tokenizer)  # into the staging folder
     scores = final_scores(run, data, base_metrics, base_reused, chosen, tracker, base_sha, attention)
     report = None
     if run.dist.is_main:
         trained = Trained(state, throughput, peak, chosen, tuned_sha, base_sha, exported)
         report = report_lib.build(run, data, scores, trained, counts, attention)
+        checkpoint.publish(staging(run.out), run.out)  # tuned/ (adapter/) appear now, metrics.json last
         report_lib.write(run, report, tracker)
     run.dist.barrier()
     run.dist.close()
@@ -105,6 +107,7 @@ def start(recipe: Recipe, overwrite: bool, resume: str | None) -> Run:
     precision = Precision(choice.name, dist.device)
     out = Path(recipe.output_dir)
     resume_from = resume_lib.prepare_output_dir(out, overwrite, resume, dist)
+    resume_lib.check_shared(out, dist)  # before any rank writes there on its own
     if dist.is_main:
         dump_recipe(recipe, out / "recipe.yaml")  # as asked (auto stays auto); metrics.json says what ran
     # from here on the recipe says what runs: the adapters' compute dtype reads it too
@@ -116,6 +119,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """Each rank's own torch stream, from (seed, rank): the same masks on every rank would make
+    dropout (and the adapters' dropout) one mask per global step instead of one per example.
+    Called after every seeded initialisation (the head, the adapters), which must agree across
+    ranks; the data order has its own generator (batching.train_steps), and a resume restores
+    each rank's stream from its checkpoint."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
 
 
 def load(run: Run) -> tuple[RunData, nn.Module]:
@@ -213,6 +225,13 @@ def train(run: Run, model: nn.Module, data: RunData, tracker: Tracker, saved: di
         checkpoint.load_training_state(run.resume_from, model, optimizer, scheduler, run.precision, dist)
         state = loop.LoopState(**saved["loop"])
         tracker.message(f"resumed from {run.resume_from} (step {state.step}, epoch {state.epoch})")
+        if dist.is_main:
+            checkpoint.restore_extra(run.resume_from, BEST, best_weights_file(run.out))
+            dropped = checkpoint.drop_newer(run.out, state.step)
+            if dropped:
+                tracker.message(f"removed the checkpoints of the abandoned attempt after step {state.step}: "
+                                + ", ".join(p.name for p in dropped))
+        dist.barrier()
     stop = signals.StopRequest(dist)
     hooks = loop_hooks(run, model, optimizer, scheduler, data, run_state, stop.requested)
     try:
@@ -245,15 +264,25 @@ def loop_hooks(run: Run, model: nn.Module, optimizer, scheduler, data: RunData, 
     def save_checkpoint(s: loop.LoopState) -> None:
         if keep:
             with parts.part("save"):
+                # the best weights so far go with the state that names them (s.best)
                 checkpoint.save_training_state(run.out, s.step, model, optimizer, scheduler, run.precision, dist,
-                                               keep=keep, state={"loop": dataclasses.asdict(s), **run_state})
+                                               keep=keep, state={"loop": dataclasses.asdict(s), **run_state},
+                                               extra={BEST: best_weights_file(run.out)})
 
     return loop.Hooks(evaluate=evaluate_tuned, keep_best=keep_best, checkpoint=save_checkpoint,
                       stop_requested=stop_requested)
 
 
+BEST = "best.safetensors"
+
+
 def best_weights_file(out: Path) -> Path:
-    return out / checkpoint.CHECKPOINTS / "best.safetensors"
+    return out / checkpoint.CHECKPOINTS / BEST
+
+
+def staging(out: Path) -> Path:
+    """Where tuned/ and adapter/ are written and scored; moved into output_dir when the run is done."""
+    return out / resume_lib.STAGING
 
 
 def peak_memory(dist: Dist) -> dict:
@@ -265,8 +294,9 @@ def peak_memory(dist: Dist) -> dict:
 
 def export_tuned(run: Run, model: nn.Module, tokenizer) -> tuple[str | None, dict | None]:
     """tuned/ from the best eval's weights when kept, else the final ones; with LoRA / QLoRA also
-    adapter/ (tuned/ is then the adapter merged into base/). Returns (tuned/'s sha256, the adapter
-    export's facts or None) on rank 0, (None, None) elsewhere. Every rank calls."""
+    adapter/ (tuned/ is then the adapter merged into base/). Written into the staging folder: a
+    crash before the run ends leaves no tuned/ that looks finished. Returns (tuned/'s sha256, the
+    adapter export's facts or None) on rank 0, (None, None) elsewhere. Every rank calls."""
     dist = run.dist
     if run.recipe.train.keep_best:
         weights = checkpoint.load_weights(best_weights_file(run.out)) if dist.is_main else {}
@@ -276,9 +306,11 @@ def export_tuned(run: Run, model: nn.Module, tokenizer) -> tuple[str | None, dic
         return None, None
     with run.parts.part("save"):
         if run.recipe.peft.method != "none":
-            exported = adapters.export(dist.unwrap(model), weights, run.out, tokenizer, run.recipe)
+            exported = adapters.export(dist.unwrap(model), weights, run.out / "base", staging(run.out), tokenizer,
+                                       run.recipe)
             return exported["tuned_sha256"], exported
-        return checkpoint.save_snapshot(dist.unwrap(model), tokenizer, run.out / "tuned", state_dict=weights), None
+        return checkpoint.save_snapshot(dist.unwrap(model), tokenizer, staging(run.out) / "tuned",
+                                        state_dict=weights), None
 
 
 def final_scores(run: Run, data: RunData, base_metrics: dict, base_reused: bool, chosen: dict,
@@ -304,7 +336,7 @@ def final_scores(run: Run, data: RunData, base_metrics: dict, base_reused: bool,
             base_metrics, base_reused = cached_score(
                 key, lambda: score_snapshot(run, data, run.out / "base", final_set), dist, score_cache_dir(run.recipe))
         with run.parts.part("tuned_eval"):
-            tuned_metrics = score_snapshot(run, data, run.out / "tuned", final_set)
+            tuned_metrics = score_snapshot(run, data, staging(run.out) / "tuned", final_set)
     if data.test is not None:
         tracker.message(f"test: base accuracy {base_metrics['accuracy']:.4f}, tuned {tuned_metrics['accuracy']:.4f} "
                         f"(n {tuned_metrics['n']}); selected on dev: tuned {as_trained['tuned']['accuracy']:.4f}")
@@ -312,9 +344,19 @@ def final_scores(run: Run, data: RunData, base_metrics: dict, base_reused: bool,
 
 
 def score_snapshot(run: Run, data: RunData, folder: Path, dataset: Tokenized) -> dict:
-    """A saved snapshot, loaded in full precision and scored on every rank."""
-    snapshot = modeling.load_model(dataclasses.replace(run.recipe.model, name_or_path=str(folder), revision=None))
-    return score(run, snapshot.to(run.dist.device), data, dataset)
+    """A saved snapshot, loaded in full precision and scored on every rank. Under FSDP only rank 0
+    loads it, and every rank holds its shard of the fp32 weights, as in training: a whole copy per
+    rank is what FSDP exists to avoid."""
+    dist = run.dist
+
+    def load() -> nn.Module:
+        return modeling.load_model(dataclasses.replace(run.recipe.model, name_or_path=str(folder), revision=None))
+
+    if dist.shards_state:
+        snapshot = dist.shard_snapshot(load, lambda config: modeling.model_from_config(config, run.recipe.model))
+    else:
+        snapshot = load().to(dist.device)
+    return score(run, snapshot, data, dataset)
 
 
 # --------------------------------------------------------------------------------------------

@@ -89,6 +89,13 @@ def load_model(cfg: ModelConfig, label_names: list[str] | None = None, tokenizer
     return model
 
 
+def model_from_config(config, cfg: ModelConfig):
+    """The model `config` describes (a loaded model's), weights initialised, not loaded: built under
+    torch.device("meta") by the ranks that receive their weights from another."""
+    return AutoModelForSequenceClassification.from_config(
+        config, attn_implementation=config._attn_implementation, trust_remote_code=cfg.trust_remote_code)
+
+
 def attn_implementation(model) -> str:
     """The attention kernel the loaded model runs (what `auto` chose)."""
     return str(getattr(model.config, "_attn_implementation", None) or "eager")

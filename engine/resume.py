@@ -3,26 +3,31 @@ fingerprint that checkpoint must match (what may not change between it and the r
 from __future__ import annotations
 
 import hashlib
+import secrets
 import shutil
+import socket
+import time
 from pathlib import Path
 
 from engine import checkpoint
 from engine.config import Recipe
 from engine.errors import OutputDirError
 
+STAGING = ".unfinished"  # tuned/ and adapter/ until the run is scored (finetune.export_tuned)
+# what a run leaves that a new run must not append to or be mistaken for (base/ and recipe.yaml
+# are rewritten whole by the next run)
+RUN_OUTPUTS = ("metrics.json", "tuned", "adapter", STAGING, checkpoint.CHECKPOINTS, "log.jsonl", "tb")
+
 
 def prepare_output_dir(out: Path, overwrite: bool, resume: str | None, dist) -> Path | None:
     """Refuse to mix runs in one folder; return the checkpoint to resume from, if any."""
     finished = (out / "metrics.json").exists()
     existing = checkpoint.checkpoint_dirs(out)
-    if overwrite:
-        dist.barrier()
-        if dist.is_main:  # nothing of the old run may be mistaken for the new one's
-            for name in ("metrics.json", "tuned", "adapter", checkpoint.CHECKPOINTS, "log.jsonl", "tb"):
-                path = out / name
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        dist.barrier()
-        finished, existing = False, []
+    leftovers = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    # --resume auto with nothing to resume (an elastic restart before the first checkpoint): start clean
+    if overwrite or (resume == "auto" and not existing and not finished and leftovers):
+        clear_run(out, dist)
+        finished, existing, leftovers = False, [], []
     if finished:
         raise OutputDirError(f"{out}: holds a finished run (metrics.json); pick another output_dir "
                              f"or pass --overwrite")
@@ -36,9 +41,53 @@ def prepare_output_dir(out: Path, overwrite: bool, resume: str | None, dist) -> 
     elif existing:
         raise OutputDirError(f"{out}: holds checkpoints of an unfinished run; continue it with "
                              f"--resume auto, or start over with --overwrite")
+    elif leftovers:
+        raise OutputDirError(f"{out}: holds an unfinished run ({leftovers[0]}) and no checkpoint to resume; "
+                             f"start over with --overwrite")
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     return resume_from
+
+
+def clear_run(out: Path, dist) -> None:
+    """Delete what an earlier run left (rank 0, once every rank has looked at the folder)."""
+    dist.barrier()
+    if dist.is_main:  # nothing of the old run may be mistaken for the new one's
+        for name in RUN_OUTPUTS:
+            path = out / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    dist.barrier()
+
+
+def check_shared(out: Path, dist, wait_s: float = 10.0) -> None:
+    """Every rank must see the output_dir rank 0 writes (one filesystem shared by every node):
+    rank 0 writes a token with a fresh nonce, every rank looks for it. `wait_s`: how long a rank
+    waits for it (a network filesystem's caches may show a new file a moment late)."""
+    if dist.world == 1:
+        return
+    nonce = dist.broadcast_object(secrets.token_hex(16) if dist.is_main else None)
+    token = out / f".shared-check-{nonce}"
+    if dist.is_main:
+        token.write_text(nonce, encoding="utf-8")
+    dist.barrier()
+    deadline = time.monotonic() + wait_s
+    while not (seen := _reads(token, nonce)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    views = dist.all_gather_object((seen, socket.gethostname(), dist.rank))
+    if dist.is_main:
+        token.unlink(missing_ok=True)
+    blind = [(host, rank) for ok, host, rank in views if not ok]
+    if blind:
+        host, rank = blind[0]
+        raise OutputDirError(f"{out}: rank {rank} on node {host} does not see the files rank 0 writes there "
+                             f"({len(blind)} rank(s) do not); every node needs output_dir on one shared filesystem")
+
+
+def _reads(token: Path, nonce: str) -> bool:
+    try:
+        return token.read_text(encoding="utf-8") == nonce
+    except OSError:
+        return False
 
 
 def run_fingerprint(recipe: Recipe, model, n_train: int, n_eval: int, dist) -> dict:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, run_torchrun, tiny_overrides
+from conftest import ROOT, faults, run_cli, run_torchrun, tiny_overrides
 from engine.batching import eval_batches
 from engine.config import DataConfig
 from engine.evaluation import evaluate_pretrained
@@ -103,10 +103,13 @@ def test_hybrid_mesh_fsdp_inside_ddp_across(tiny_bert, tiny_data, tmp_path, runs
 def test_fsdp_bf16_metrics_are_those_of_the_fp32_snapshots(tiny_bert, tiny_data, tmp_path):
     # FSDP's mixed precision runs forward on bf16 copies of the weights; metrics.json must score
     # base/ and tuned/ as saved (fp32 under bf16 autocast, as one process would) and say what trained
-    out = tmp_path / "fsdp-bf16"
+    out, loads = tmp_path / "fsdp-bf16", tmp_path / "loads"
     p = run_torchrun(2, *_args(tiny_bert, tiny_data, out, "train.batch_size=4", "distributed.strategy=fsdp",
-                               "train.precision=bf16"))
+                               "train.precision=bf16"), env=faults(log_loads=loads))
     assert p.returncode == 0, p.stderr[-3000:]
+    # the snapshots are scored sharded: rank 0 alone reads them whole
+    snapshot_loads = sorted(line for line in loads.read_text().splitlines() if not line.endswith(tiny_bert))
+    assert [line.split()[0] for line in snapshot_loads] == ["0", "0"], snapshot_loads
     m = json.loads((out / "metrics.json").read_text())
     data = DataConfig(source=tiny_data, max_length=32)
     for side in ("base", "tuned"):
