@@ -85,7 +85,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     group_by_length: bool = True  # batches of similar lengths: less padding
     eval_every: int = 0  # steps; 0 = only at each epoch end
-    keep_best: bool = False  # tuned/ = the best eval-accuracy state instead of the last
+    keep_best: bool = False  # tuned/ = the best eval state (by select_metric) instead of the last
+    # what "best" means for keep_best and early stopping: accuracy, f1 (macro) or loss (lower is better)
+    select_metric: Literal["accuracy", "f1", "loss"] = "accuracy"
+    early_stopping_patience: int = 0  # stop after this many evals without improvement; 0 = never
     log_every: int = 10  # steps between logged scalars
     num_threads: int | None = None  # torch threads per process (default: cores / processes)
     compile: bool = False  # torch.compile the model
@@ -145,6 +148,7 @@ class Recipe:
                 raise RecipeError(f"{where}: '{key}' must be >= 1, got {value}")
         for key, value in {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
                            "data.holdout_size": d.holdout_size, "checkpoint.every": self.checkpoint.every,
+                           "train.early_stopping_patience": t.early_stopping_patience,
                            "checkpoint.keep": self.checkpoint.keep}.items():
             if value < 0:
                 raise RecipeError(f"{where}: '{key}' must be >= 0, got {value}")
@@ -163,6 +167,10 @@ class Recipe:
                            "data.test_size": d.test_size}.items():
             if value is not None and value < 1:
                 raise RecipeError(f"{where}: '{key}' must be >= 1, got {value}")
+        if t.early_stopping_patience and not t.keep_best:
+            # as the Trainer's EarlyStoppingCallback: tuned/ would otherwise be the weights `patience`
+            # evaluations past the best
+            raise RecipeError(f"{where}: 'train.early_stopping_patience' needs train.keep_best=true")
         if d.holdout_size and d.eval_split:
             raise RecipeError(f"{where}: 'data.holdout_size' carves the eval set from train; "
                               f"set data.eval_split=null to use it (got eval_split={d.eval_split!r})")

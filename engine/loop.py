@@ -45,7 +45,9 @@ class LoopState:
     skipped_steps: int = 0  # fp16 steps the scaler skipped for inf/NaN gradients
     window: list = field(default_factory=lambda: [0.0, 0.0])  # loss sum, examples since last log
     evals: list = field(default_factory=list)  # {"step", "epoch", **metrics}
-    best: dict | None = None  # the eval kept as tuned/ (keep_best)
+    best: dict | None = None  # the best eval so far by train.select_metric (tuned/ under keep_best)
+    stale_evals: int = 0  # evaluations since `best` (early stopping's patience counter)
+    stopped_early: bool = False  # train.early_stopping_patience ran out: the loop ends
 
 
 @dataclass
@@ -94,6 +96,13 @@ def train_step(model, optimizer, scheduler, micro: list[dict], params: list[torc
     state.step += 1
     state.step_in_epoch += 1
     return norm
+
+
+def improves(metrics: dict, best: dict | None, metric: str) -> bool:
+    """Strictly better than the best so far by `metric` (loss: lower is better)."""
+    if best is None:
+        return True
+    return metrics[metric] < best[metric] if metric == "loss" else metrics[metric] > best[metric]
 
 
 class Bookkeeping:
@@ -154,9 +163,21 @@ class Bookkeeping:
         state.evals.append({"step": state.step, "epoch": state.epoch, **metrics})
         self.tracker.scalars(state.step, {k: metrics[k] for k in ("accuracy", "f1", "loss", "ece")}, "eval/")
         self.tracker.message(f"step {state.step}: eval accuracy {metrics['accuracy']:.4f}  f1 {metrics['f1']:.4f}")
-        if self.cfg.keep_best and (state.best is None or metrics["accuracy"] > state.best["accuracy"]):
-            state.best = state.evals[-1]
-            self.hooks.keep_best(state)
+        # every rank takes rank 0's decision: keep_best's hook gathers weights (a collective under
+        # FSDP), and a rank that alone stopped early would leave the others waiting
+        improved = self.dist.broadcast_object(improves(metrics, state.best, self.cfg.select_metric))
+        if improved:
+            state.best, state.stale_evals = state.evals[-1], 0
+            if self.cfg.keep_best:
+                self.hooks.keep_best(state)
+        else:
+            state.stale_evals += 1
+        patience = self.cfg.early_stopping_patience
+        if patience and state.stale_evals >= patience:
+            state.stopped_early = True
+            metric, best = self.cfg.select_metric, state.best
+            self.tracker.message(f"early stop at step {state.step}: eval {metric} has not improved for "
+                                 f"{patience} evaluation(s) (best {best[metric]:.4f} at step {best['step']})")
 
     def save(self) -> None:
         self.clock.pause()
@@ -189,7 +210,7 @@ def train(model, optimizer, scheduler, data: Tokenized, cfg: TrainConfig, precis
     books = Bookkeeping(state, cfg, dist, hooks, tracker, checkpoint_every)
     model.train()
     books.clock.start()
-    while state.step < n_steps:
+    while state.step < n_steps and not state.stopped_early:
         plan = train_steps(data.lengths, cfg.batch_size, cfg.grad_accum, state.epoch, seed, dist.dp_world,
                            dist.dp_rank, cfg.group_by_length)
         epoch_len = len(plan)
@@ -199,6 +220,10 @@ def train(model, optimizer, scheduler, data: Tokenized, cfg: TrainConfig, precis
             norm = train_step(model, optimizer, scheduler, micro, params, cfg, precision, dist, state, books.window)
             books.count(micro)
             books.after_step(norm, scheduler.get_last_lr()[0], n_steps, state.step_in_epoch == epoch_len)
+            if state.stopped_early:  # by an eval_every evaluation, inside the epoch
+                break
+        if state.stopped_early:
+            break
         state.epoch += 1
         state.step_in_epoch = 0
         books.evaluate()  # at each epoch end, and at the last step

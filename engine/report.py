@@ -92,6 +92,7 @@ def train_section(run: Run, trained: Trained) -> dict:
     return {**trained.throughput, "final_loss": trained.state.final_loss, "world_size": run.dist.world,
             "strategy": run.dist.strategy, **run.choice.as_dict(),
             "threads_per_process": torch.get_num_threads(), "resumed_from": str(run.resume_from or ""),
+            "select_metric": run.recipe.train.select_metric, "stopped_early": trained.state.stopped_early,
             **trained.peak}
 
 
