@@ -89,6 +89,9 @@ class TrainConfig:
     # what "best" means for keep_best and early stopping: accuracy, f1 (macro) or loss (lower is better)
     select_metric: Literal["accuracy", "f1", "loss"] = "accuracy"
     early_stopping_patience: int = 0  # stop after this many evals without improvement; 0 = never
+    # weights of the classes in the training loss: none, balanced (n / (classes x n_class) over the
+    # train split: rare classes count more) or a list, one positive weight per class in label order
+    class_weights: Any = "none"
     log_every: int = 10  # steps between logged scalars
     num_threads: int | None = None  # torch threads per process (default: cores / processes)
     compile: bool = False  # torch.compile the model
@@ -167,6 +170,17 @@ class Recipe:
                            "data.test_size": d.test_size}.items():
             if value is not None and value < 1:
                 raise RecipeError(f"{where}: '{key}' must be >= 1, got {value}")
+        if t.class_weights is None:
+            t.class_weights = "none"
+        if isinstance(t.class_weights, list):
+            if not t.class_weights or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                              and math.isfinite(w) and w > 0 for w in t.class_weights):
+                raise RecipeError(f"{where}: 'train.class_weights' must be positive finite numbers, "
+                                  f"got {t.class_weights!r}")
+            t.class_weights = [float(w) for w in t.class_weights]
+        elif t.class_weights not in ("none", "balanced"):
+            raise RecipeError(f"{where}: 'train.class_weights' must be none, balanced or a list of "
+                              f"weights, one per class; got {t.class_weights!r}")
         if t.early_stopping_patience and not t.keep_best:
             # as the Trainer's EarlyStoppingCallback: tuned/ would otherwise be the weights `patience`
             # evaluations past the best

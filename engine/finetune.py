@@ -50,6 +50,7 @@ class RunData:
     train: Tokenized
     eval: Tokenized
     test: Tokenized | None  # data.test_split: base/ and tuned/ are scored on it once, at the end
+    class_weights: np.ndarray | None = None  # train.class_weights, one per class (None: unweighted loss)
 
     @property
     def pad_id(self) -> int:
@@ -134,6 +135,7 @@ def load(run: Run) -> tuple[RunData, nn.Module]:
         data = RunData(splits, tokenizer, tokenize(splits.train), tokenize(splits.eval),
                        tokenize(splits.test) if splits.test else None)
     check_sizes(len(data.train), len(data.eval), recipe.train, run.dist)
+    data.class_weights = loop.loss_weights(recipe.train.class_weights, data.train.labels, splits.label_names)
     return data, model
 
 
@@ -219,7 +221,9 @@ def train(run: Run, model: nn.Module, data: RunData, tracker: Tracker, saved: di
         with stop.installed(), run.parts.part("train"):  # its evals and saves count as their own parts
             return loop.train(model, optimizer, scheduler, data.train, cfg, run.precision, dist, seed=run.recipe.seed,
                               pad_id=data.pad_id, pad_left=data.pad_left, hooks=hooks, tracker=tracker,
-                              checkpoint_every=run.recipe.checkpoint.every, state=state)
+                              checkpoint_every=run.recipe.checkpoint.every, state=state,
+                              class_weights=None if data.class_weights is None else
+                              torch.tensor(data.class_weights, dtype=torch.float32, device=dist.device))
     except loop.StopTraining as e:
         tracker.close()
         latest = checkpoint.checkpoint_dirs(run.out)

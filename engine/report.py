@@ -73,6 +73,9 @@ def build(run: Run, data: RunData, scores: Scores, trained: Trained, counts: dic
         "wall_seconds": round(run.parts.wall(), 1),
         "time_parts": run.parts.summary(),  # seconds: load, tokenize, base_eval, train, tuned_eval, save, other
     }
+    if data.class_weights is not None:  # the loss's weight of each class, as trained
+        report["train"]["class_weights"] = {"spec": run.recipe.train.class_weights, "weights": dict(
+            zip(splits.label_names, map(float, data.class_weights), strict=True))}
     slim = {side: {k: m[k] for k in SLIM} for side, m in scores.as_trained.items()}
     method = run.recipe.peft.method
     if data.test is not None:  # base/tuned above are the test figures; these are the selection set's
