@@ -112,7 +112,9 @@ class DistributedConfig:
 class PeftConfig:
     # none: train every weight; lora: low-rank adapters on a frozen body; qlora: the same on a
     # 4-bit NF4 copy of the body (bitsandbytes). The classification head always trains whole.
-    method: Literal["none", "lora", "qlora"] = "none"
+    # head: the body frozen, only the classification head trains (a linear-probe baseline;
+    # engine/adapters.py head_modules says what the head is); tuned/ is a plain snapshot
+    method: Literal["none", "lora", "qlora", "head"] = "none"
     r: int = 8  # rank of each adapter
     alpha: int = 16  # adapter output is scaled by alpha / r
     dropout: float = 0.1  # on the adapter's input, training only

@@ -279,7 +279,7 @@ def export_tuned(run: Run, model: nn.Module, tokenizer) -> tuple[str | None, dic
     if not dist.is_main:
         return None, None
     with run.parts.part("save"):
-        if run.recipe.peft.method != "none":
+        if run.recipe.peft.method in adapters.ADAPTER_METHODS:  # head-only: a plain snapshot, below
             exported = adapters.export(dist.unwrap(model), weights, run.out, tokenizer, run.recipe)
             return exported["tuned_sha256"], exported
         return checkpoint.save_snapshot(dist.unwrap(model), tokenizer, run.out / "tuned", state_dict=weights), None

@@ -84,6 +84,8 @@ def build(run: Run, data: RunData, scores: Scores, trained: Trained, counts: dic
     if scores.rescored and method != "qlora":  # FSDP mixed precision: the low-precision copies' figures
         report["as_trained"] = {"what": f"FSDP forward on {run.recipe.train.precision} copies of the weights, "
                                         f"on the {'dev' if data.test is not None else 'eval'} split", **slim}
+    if method == "head":  # tuned/ is a plain snapshot; params says how much of the model trained
+        report["peft"] = {"method": "head"}
     if trained.exported:
         report["peft"] = peft_section(run, trained.exported)
         if method == "qlora":  # the 4-bit model as it trained, before and after (on dev with a test split)
@@ -138,6 +140,7 @@ def summary_table(report: dict) -> str:
                  f"whole run {report['wall_seconds']:.0f}s; peak memory {t['peak_memory_mb']:.0f} MB")
     if "peft" in report:
         p, c = report["peft"], report["params"]
+        adapter = f"; adapter: {p['adapter']['path']}" if "adapter" in p else ""
         lines.append(f"{p['method']}: {c['trainable_params']:,} of {c['total_params']:,} parameters trained "
-                     f"({c['trainable_share']:.2%}); adapter: {p['adapter']['path']}")
+                     f"({c['trainable_share']:.2%}){adapter}")
     return "\n".join(lines)
