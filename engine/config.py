@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 import typing
@@ -131,6 +132,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class TrackingConfig:
+    # TensorBoard (output_dir/tb) and log.jsonl are always written; MLflow is an optional extra:
+    # pip install -e ".[mlflow]"
+    mlflow: bool = False  # also log params, per-step and final metrics and tuned/ to MLflow (main rank)
+    mlflow_uri: str | None = None  # tracking URI; default: a local file store ./mlruns (works offline)
+    mlflow_experiment: str = "sentiment-engine"
+
+    def check(self, where: str) -> None:
+        if self.mlflow and importlib.util.find_spec("mlflow") is None:
+            raise RecipeError(f"{where}: 'tracking.mlflow' is true but mlflow is not installed: "
+                              f"pip install -e \".[mlflow]\" (or pip install mlflow-skinny)")
+
+
+@dataclass
 class Recipe:
     output_dir: str = "runs/default"
     seed: int = 42
@@ -140,6 +155,7 @@ class Recipe:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def check(self, where: str) -> None:
         """Cross-key rules that a type alone cannot express."""

@@ -20,7 +20,7 @@ from engine import precision as precision_lib
 from engine import report as report_lib
 from engine import resume as resume_lib
 from engine.batching import Tokenized
-from engine.config import Recipe, dump_recipe
+from engine.config import Recipe, dump_recipe, to_dict
 from engine.distributed import Dist
 from engine.errors import DataError
 from engine.evaluation import cached_score, eval_set_digest, evaluate
@@ -187,7 +187,8 @@ def score_base(run: Run, model: nn.Module, data: RunData, base_sha: str | None,
 def open_tracker(run: Run, data: RunData, attention: str, base_metrics: dict, cached: bool, counts: dict) -> Tracker:
     """The log (TensorBoard, log.jsonl, progress bar), opened with what the run is about to do."""
     dist, splits, peft = run.dist, data.splits, run.recipe.peft.method
-    tracker = Tracker(run.out, dist.is_main, loop.total_steps(len(data.train), run.recipe.train, dist.dp_world)[1])
+    tracker = Tracker(run.out, dist.is_main, loop.total_steps(len(data.train), run.recipe.train, dist.dp_world)[1],
+                      run.recipe.tracking, report_lib.flat(to_dict(run.recipe)))
     tracker.message(f"train {len(data.train)} examples from {splits.train.origin}; "
                     f"eval {len(data.eval)} from {splits.eval.origin}; "
                     + (f"test {len(data.test)} from {splits.test.origin}; " if data.test else "")
@@ -225,7 +226,7 @@ def train(run: Run, model: nn.Module, data: RunData, tracker: Tracker, saved: di
                               class_weights=None if data.class_weights is None else
                               torch.tensor(data.class_weights, dtype=torch.float32, device=dist.device))
     except loop.StopTraining as e:
-        tracker.close()
+        tracker.close("KILLED")
         latest = checkpoint.checkpoint_dirs(run.out)
         where = f"the last checkpoint is {latest[-1]}" if latest else "no checkpoint was written"
         raise loop.StopTraining(f"{e}; {where}; continue with: --resume auto") from None

@@ -112,6 +112,8 @@ def write(run: Run, report: dict, tracker) -> None:
     """The hparams to TensorBoard, then metrics.json, last (main rank)."""
     tracker.hparams(flat(to_dict(run.recipe)), {"accuracy": report["tuned"]["accuracy"],
                                                 "f1": report["tuned"]["f1"]})
+    tracker.final({f"{side}/{k}": report[side][k] for side in ("base", "tuned") for k in SLIM},
+                  report["train"]["steps"])
     tracker.close()
     write_json_atomic(run.out / "metrics.json", report)
 
