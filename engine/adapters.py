@@ -134,8 +134,24 @@ def load_quantized(folder: str | Path, recipe: Recipe, head: list[str], dist):
     return model
 
 
+# the methods that put PEFT adapters on the model and export adapter/ (head trains the head alone)
+ADAPTER_METHODS = ("lora", "qlora")
+
+
+def freeze_body(model: nn.Module) -> nn.Module:
+    """peft.method=head: only the classification head trains (a linear probe on the pretrained
+    features). The head is what LoRA trains whole (`head_modules`): BERT's `classifier` (its pooler
+    is part of the body, so it stays frozen), DistilBERT's `pre_classifier` + `classifier`,
+    RoBERTa's `classifier` (dense + out_proj), a decoder's `score`."""
+    head = head_modules(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.split(".", 1)[0] in head)
+    return model
+
+
 def attach(model: nn.Module, recipe: Recipe, base_dir: str | Path, dist) -> nn.Module:
-    """The model to train: LoRA on `model` itself, or QLoRA on a 4-bit copy of base/.
+    """The model to train: LoRA on `model` itself, QLoRA on a 4-bit copy of base/, or (head) the
+    model with its body frozen.
 
     For QLoRA base/ must already be on disk (rank 0 writes it; every rank reads it): quantising
     exactly that snapshot gives the 4-bit model the same head initialisation and weights.
@@ -143,6 +159,8 @@ def attach(model: nn.Module, recipe: Recipe, base_dir: str | Path, dist) -> nn.M
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     method = recipe.peft.method
+    if method == "head":
+        return freeze_body(model)
     head = head_modules(model)
     if method == "qlora":
         dist.barrier()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import types
 import typing
@@ -85,7 +86,13 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     group_by_length: bool = True  # batches of similar lengths: less padding
     eval_every: int = 0  # steps; 0 = only at each epoch end
-    keep_best: bool = False  # tuned/ = the best eval-accuracy state instead of the last
+    keep_best: bool = False  # tuned/ = the best eval state (by select_metric) instead of the last
+    # what "best" means for keep_best and early stopping: accuracy, f1 (macro) or loss (lower is better)
+    select_metric: Literal["accuracy", "f1", "loss"] = "accuracy"
+    early_stopping_patience: int = 0  # stop after this many evals without improvement; 0 = never
+    # weights of the classes in the training loss: none, balanced (n / (classes x n_class) over the
+    # train split: rare classes count more) or a list, one positive weight per class in label order
+    class_weights: Any = "none"
     log_every: int = 10  # steps between logged scalars
     num_threads: int | None = None  # torch threads per process (default: cores / processes)
     compile: bool = False  # torch.compile the model
@@ -106,7 +113,9 @@ class DistributedConfig:
 class PeftConfig:
     # none: train every weight; lora: low-rank adapters on a frozen body; qlora: the same on a
     # 4-bit NF4 copy of the body (bitsandbytes). The classification head always trains whole.
-    method: Literal["none", "lora", "qlora"] = "none"
+    # head: the body frozen, only the classification head trains (a linear-probe baseline;
+    # engine/adapters.py head_modules says what the head is); tuned/ is a plain snapshot
+    method: Literal["none", "lora", "qlora", "head"] = "none"
     r: int = 8  # rank of each adapter
     alpha: int = 16  # adapter output is scaled by alpha / r
     dropout: float = 0.1  # on the adapter's input, training only
@@ -123,6 +132,20 @@ class CheckpointConfig:
 
 
 @dataclass
+class TrackingConfig:
+    # TensorBoard (output_dir/tb) and log.jsonl are always written; MLflow is an optional extra:
+    # pip install -e ".[mlflow]"
+    mlflow: bool = False  # also log params, per-step and final metrics and tuned/ to MLflow (main rank)
+    mlflow_uri: str | None = None  # tracking URI; default: a local file store ./mlruns (works offline)
+    mlflow_experiment: str = "sentiment-engine"
+
+    def check(self, where: str) -> None:
+        if self.mlflow and importlib.util.find_spec("mlflow") is None:
+            raise RecipeError(f"{where}: 'tracking.mlflow' is true but mlflow is not installed: "
+                              f"pip install -e \".[mlflow]\" (or pip install mlflow-skinny)")
+
+
+@dataclass
 class Recipe:
     output_dir: str = "runs/default"
     seed: int = 42
@@ -132,6 +155,7 @@ class Recipe:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def check(self, where: str) -> None:
         """Cross-key rules that a type alone cannot express."""
@@ -145,6 +169,7 @@ class Recipe:
                 raise RecipeError(f"{where}: '{key}' must be >= 1, got {value}")
         for key, value in {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
                            "data.holdout_size": d.holdout_size, "checkpoint.every": self.checkpoint.every,
+                           "train.early_stopping_patience": t.early_stopping_patience,
                            "checkpoint.keep": self.checkpoint.keep}.items():
             if value < 0:
                 raise RecipeError(f"{where}: '{key}' must be >= 0, got {value}")
@@ -163,6 +188,21 @@ class Recipe:
                            "data.test_size": d.test_size}.items():
             if value is not None and value < 1:
                 raise RecipeError(f"{where}: '{key}' must be >= 1, got {value}")
+        if t.class_weights is None:
+            t.class_weights = "none"
+        if isinstance(t.class_weights, list):
+            if not t.class_weights or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                              and math.isfinite(w) and w > 0 for w in t.class_weights):
+                raise RecipeError(f"{where}: 'train.class_weights' must be positive finite numbers, "
+                                  f"got {t.class_weights!r}")
+            t.class_weights = [float(w) for w in t.class_weights]
+        elif t.class_weights not in ("none", "balanced"):
+            raise RecipeError(f"{where}: 'train.class_weights' must be none, balanced or a list of "
+                              f"weights, one per class; got {t.class_weights!r}")
+        if t.early_stopping_patience and not t.keep_best:
+            # as the Trainer's EarlyStoppingCallback: tuned/ would otherwise be the weights `patience`
+            # evaluations past the best
+            raise RecipeError(f"{where}: 'train.early_stopping_patience' needs train.keep_best=true")
         if d.holdout_size and d.eval_split:
             raise RecipeError(f"{where}: 'data.holdout_size' carves the eval set from train; "
                               f"set data.eval_split=null to use it (got eval_split={d.eval_split!r})")

@@ -20,7 +20,7 @@ from engine import precision as precision_lib
 from engine import report as report_lib
 from engine import resume as resume_lib
 from engine.batching import Tokenized
-from engine.config import Recipe, dump_recipe
+from engine.config import Recipe, dump_recipe, to_dict
 from engine.distributed import Dist
 from engine.errors import DataError
 from engine.evaluation import cached_score, eval_set_digest, evaluate
@@ -50,6 +50,7 @@ class RunData:
     train: Tokenized
     eval: Tokenized
     test: Tokenized | None  # data.test_split: base/ and tuned/ are scored on it once, at the end
+    class_weights: np.ndarray | None = None  # train.class_weights, one per class (None: unweighted loss)
 
     @property
     def pad_id(self) -> int:
@@ -146,6 +147,7 @@ def load(run: Run) -> tuple[RunData, nn.Module]:
         data = RunData(splits, tokenizer, tokenize(splits.train), tokenize(splits.eval),
                        tokenize(splits.test) if splits.test else None)
     check_sizes(len(data.train), len(data.eval), recipe.train, run.dist)
+    data.class_weights = loop.loss_weights(recipe.train.class_weights, data.train.labels, splits.label_names)
     return data, model
 
 
@@ -197,7 +199,8 @@ def score_base(run: Run, model: nn.Module, data: RunData, base_sha: str | None,
 def open_tracker(run: Run, data: RunData, attention: str, base_metrics: dict, cached: bool, counts: dict) -> Tracker:
     """The log (TensorBoard, log.jsonl, progress bar), opened with what the run is about to do."""
     dist, splits, peft = run.dist, data.splits, run.recipe.peft.method
-    tracker = Tracker(run.out, dist.is_main, loop.total_steps(len(data.train), run.recipe.train, dist.dp_world)[1])
+    tracker = Tracker(run.out, dist.is_main, loop.total_steps(len(data.train), run.recipe.train, dist.dp_world)[1],
+                      run.recipe.tracking, report_lib.flat(to_dict(run.recipe)))
     tracker.message(f"train {len(data.train)} examples from {splits.train.origin}; "
                     f"eval {len(data.eval)} from {splits.eval.origin}; "
                     + (f"test {len(data.test)} from {splits.test.origin}; " if data.test else "")
@@ -238,9 +241,11 @@ def train(run: Run, model: nn.Module, data: RunData, tracker: Tracker, saved: di
         with stop.installed(), run.parts.part("train"):  # its evals and saves count as their own parts
             return loop.train(model, optimizer, scheduler, data.train, cfg, run.precision, dist, seed=run.recipe.seed,
                               pad_id=data.pad_id, pad_left=data.pad_left, hooks=hooks, tracker=tracker,
-                              checkpoint_every=run.recipe.checkpoint.every, state=state)
+                              checkpoint_every=run.recipe.checkpoint.every, state=state,
+                              class_weights=None if data.class_weights is None else
+                              torch.tensor(data.class_weights, dtype=torch.float32, device=dist.device))
     except loop.StopTraining as e:
-        tracker.close()
+        tracker.close("KILLED")
         latest = checkpoint.checkpoint_dirs(run.out)
         where = f"the last checkpoint is {latest[-1]}" if latest else "no checkpoint was written"
         raise loop.StopTraining(f"{e}; {where}; continue with: --resume auto") from None
@@ -305,7 +310,7 @@ def export_tuned(run: Run, model: nn.Module, tokenizer) -> tuple[str | None, dic
     if not dist.is_main:
         return None, None
     with run.parts.part("save"):
-        if run.recipe.peft.method != "none":
+        if run.recipe.peft.method in adapters.ADAPTER_METHODS:  # head-only: a plain snapshot, below
             exported = adapters.export(dist.unwrap(model), weights, run.out / "base", staging(run.out), tokenizer,
                                        run.recipe)
             return exported["tuned_sha256"], exported

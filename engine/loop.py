@@ -10,12 +10,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from engine.batching import Tokenized, collate, model_inputs, prefetch, train_steps
 from engine.config import TrainConfig
-from engine.errors import StopTraining
+from engine.errors import DataError, RecipeError, StopTraining
 from engine.metrics import Throughput
 
 
@@ -45,7 +46,9 @@ class LoopState:
     skipped_steps: int = 0  # fp16 steps the scaler skipped for inf/NaN gradients
     window: list = field(default_factory=lambda: [0.0, 0.0])  # loss sum, examples since last log
     evals: list = field(default_factory=list)  # {"step", "epoch", **metrics}
-    best: dict | None = None  # the eval kept as tuned/ (keep_best)
+    best: dict | None = None  # the best eval so far by train.select_metric (tuned/ under keep_best)
+    stale_evals: int = 0  # evaluations since `best` (early stopping's patience counter)
+    stopped_early: bool = False  # train.early_stopping_patience ran out: the loop ends
 
 
 @dataclass
@@ -57,29 +60,58 @@ class Hooks:
     stop_requested: Callable[[], bool] = lambda: False
 
 
-def forward_backward(model, micro: list[dict], precision, dist, window: torch.Tensor) -> None:
+def forward_backward(model, micro: list[dict], precision, dist, window: torch.Tensor,
+                     class_weights: torch.Tensor | None = None) -> None:
     """Forward and backward over the micro-batches of one optimizer step; gradients accumulate.
 
-    Adds each micro-batch's loss sum and example count to `window` (on the device: no sync per step).
+    The loss is the mean over every example of the global step, or with `class_weights` the
+    weighted mean (torch's cross_entropy(weight=...) over the whole global step: sum of w_y * loss
+    over sum of w_y), so accumulation and data parallelism give the gradient of one big batch.
+    Adds each micro-batch's loss sum and example count (weight sum) to `window` (on the device).
     """
-    examples = sum(len(b["labels"]) for b in micro) * dist.dp_world  # in the whole global step
+    if class_weights is None:
+        examples = sum(len(b["labels"]) for b in micro) * dist.dp_world  # in the whole global step
+    else:
+        # the global step's class counts (integers: exact, whatever the order of summing), then
+        # their weights in float64: every rank and every accumulation split gets the same denominator
+        counts = sum(torch.bincount(b["labels"], minlength=len(class_weights)) for b in micro)
+        counts = dist.all_reduce_sum(counts.to(dist.device))
+        examples = float((counts.double() * class_weights.double()).sum())
     for m, batch in enumerate(micro):
         labels = batch["labels"].to(dist.device, non_blocking=True)
         with dist.grad_sync(model, sync=m == len(micro) - 1):
             with precision.autocast():
                 logits = model(**model_inputs(batch, dist.device)).logits
-            loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+            loss_sum = F.cross_entropy(logits.float(), labels, weight=class_weights, reduction="sum")
             # sum over every example of the global step / their count; DDP and FSDP
             # average gradients over the data-parallel ranks, hence the factor dp_world
             precision.backward(loss_sum * (dist.dp_world / examples))
         window[0] += loss_sum.detach()
-        window[1] += len(labels)
+        window[1] += len(labels) if class_weights is None else class_weights[labels].sum().detach()
+
+
+def loss_weights(spec, train_labels: np.ndarray, label_names: list[str]) -> np.ndarray | None:
+    """train.class_weights as one weight per class (None: unweighted). balanced: n / (K * n_k) over the
+    train split, so that every class weighs the same in the loss (scikit-learn's "balanced")."""
+    if spec in (None, "none"):
+        return None
+    k = len(label_names)
+    if spec == "balanced":
+        counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=k)
+        if (counts == 0).any():
+            absent = [label_names[i] for i in np.flatnonzero(counts == 0)]
+            raise DataError(f"train.class_weights=balanced: no training example of class {', '.join(absent)}")
+        return len(train_labels) / (k * counts.astype(np.float64))
+    if len(spec) != k:
+        raise RecipeError(f"'train.class_weights' has {len(spec)} weights for {k} classes ({', '.join(label_names)})")
+    return np.asarray(spec, dtype=np.float64)
 
 
 def train_step(model, optimizer, scheduler, micro: list[dict], params: list[torch.Tensor], cfg: TrainConfig,
-               precision, dist, state: LoopState, window: torch.Tensor) -> torch.Tensor:
+               precision, dist, state: LoopState, window: torch.Tensor,
+               class_weights: torch.Tensor | None = None) -> torch.Tensor:
     """One optimizer step: micro-batches, loss, backward, clip, step, schedule. Returns the grad norm."""
-    forward_backward(model, micro, precision, dist, window)
+    forward_backward(model, micro, precision, dist, window, class_weights)
     precision.unscale(optimizer)
     norm = grad_norm_and_clip(params, cfg.max_grad_norm, dist)
     # the norm is global (all ranks' gradients), so every rank takes the same branch;
@@ -94,6 +126,13 @@ def train_step(model, optimizer, scheduler, micro: list[dict], params: list[torc
     state.step += 1
     state.step_in_epoch += 1
     return norm
+
+
+def improves(metrics: dict, best: dict | None, metric: str) -> bool:
+    """Strictly better than the best so far by `metric` (loss: lower is better)."""
+    if best is None:
+        return True
+    return metrics[metric] < best[metric] if metric == "loss" else metrics[metric] > best[metric]
 
 
 class Bookkeeping:
@@ -154,9 +193,21 @@ class Bookkeeping:
         state.evals.append({"step": state.step, "epoch": state.epoch, **metrics})
         self.tracker.scalars(state.step, {k: metrics[k] for k in ("accuracy", "f1", "loss", "ece")}, "eval/")
         self.tracker.message(f"step {state.step}: eval accuracy {metrics['accuracy']:.4f}  f1 {metrics['f1']:.4f}")
-        if self.cfg.keep_best and (state.best is None or metrics["accuracy"] > state.best["accuracy"]):
-            state.best = state.evals[-1]
-            self.hooks.keep_best(state)
+        # every rank takes rank 0's decision: keep_best's hook gathers weights (a collective under
+        # FSDP), and a rank that alone stopped early would leave the others waiting
+        improved = self.dist.broadcast_object(improves(metrics, state.best, self.cfg.select_metric))
+        if improved:
+            state.best, state.stale_evals = state.evals[-1], 0
+            if self.cfg.keep_best:
+                self.hooks.keep_best(state)
+        else:
+            state.stale_evals += 1
+        patience = self.cfg.early_stopping_patience
+        if patience and state.stale_evals >= patience:
+            state.stopped_early = True
+            metric, best = self.cfg.select_metric, state.best
+            self.tracker.message(f"early stop at step {state.step}: eval {metric} has not improved for "
+                                 f"{patience} evaluation(s) (best {best[metric]:.4f} at step {best['step']})")
 
     def save(self) -> None:
         self.clock.pause()
@@ -181,24 +232,30 @@ class Bookkeeping:
 
 def train(model, optimizer, scheduler, data: Tokenized, cfg: TrainConfig, precision, dist, *,
           seed: int, pad_id: int, pad_left: bool, hooks: Hooks, tracker, checkpoint_every: int = 0,
-          state: LoopState | None = None) -> tuple[LoopState, dict]:
-    """Train to the end (or a stop); returns the final state and the throughput summary."""
+          state: LoopState | None = None, class_weights: torch.Tensor | None = None) -> tuple[LoopState, dict]:
+    """Train to the end (or a stop); returns the final state and the throughput summary.
+    `class_weights`: one per class, on dist.device, for a weighted loss (see forward_backward)."""
     steps_per_epoch, n_steps = total_steps(len(data), cfg, dist.dp_world)
     params = [p for p in model.parameters() if p.requires_grad]
     state = state or LoopState()
     books = Bookkeeping(state, cfg, dist, hooks, tracker, checkpoint_every)
     model.train()
     books.clock.start()
-    while state.step < n_steps:
+    while state.step < n_steps and not state.stopped_early:
         plan = train_steps(data.lengths, cfg.batch_size, cfg.grad_accum, state.epoch, seed, dist.dp_world,
                            dist.dp_rank, cfg.group_by_length)
         epoch_len = len(plan)
         plan = plan[state.step_in_epoch: state.step_in_epoch + n_steps - state.step]
         batches = prefetch([collate(data, idx, pad_id, pad_left) for idx in micro] for micro in plan)
         for micro in batches:
-            norm = train_step(model, optimizer, scheduler, micro, params, cfg, precision, dist, state, books.window)
+            norm = train_step(model, optimizer, scheduler, micro, params, cfg, precision, dist, state, books.window,
+                              class_weights)
             books.count(micro)
             books.after_step(norm, scheduler.get_last_lr()[0], n_steps, state.step_in_epoch == epoch_len)
+            if state.stopped_early:  # by an eval_every evaluation, inside the epoch
+                break
+        if state.stopped_early:
+            break
         state.epoch += 1
         state.step_in_epoch = 0
         books.evaluate()  # at each epoch end, and at the last step

@@ -73,6 +73,9 @@ def build(run: Run, data: RunData, scores: Scores, trained: Trained, counts: dic
         "wall_seconds": round(run.parts.wall(), 1),
         "time_parts": run.parts.summary(),  # seconds: load, tokenize, base_eval, train, tuned_eval, save, other
     }
+    if data.class_weights is not None:  # the loss's weight of each class, as trained
+        report["train"]["class_weights"] = {"spec": run.recipe.train.class_weights, "weights": dict(
+            zip(splits.label_names, map(float, data.class_weights), strict=True))}
     slim = {side: {k: m[k] for k in SLIM} for side, m in scores.as_trained.items()}
     method = run.recipe.peft.method
     if data.test is not None:  # base/tuned above are the test figures; these are the selection set's
@@ -81,6 +84,8 @@ def build(run: Run, data: RunData, scores: Scores, trained: Trained, counts: dic
     if scores.rescored and method != "qlora":  # FSDP mixed precision: the low-precision copies' figures
         report["as_trained"] = {"what": f"FSDP forward on {run.recipe.train.precision} copies of the weights, "
                                         f"on the {'dev' if data.test is not None else 'eval'} split", **slim}
+    if method == "head":  # tuned/ is a plain snapshot; params says how much of the model trained
+        report["peft"] = {"method": "head"}
     if trained.exported:
         report["peft"] = peft_section(run, trained.exported)
         if method == "qlora":  # the 4-bit model as it trained, before and after (on dev with a test split)
@@ -92,6 +97,7 @@ def train_section(run: Run, trained: Trained) -> dict:
     return {**trained.throughput, "final_loss": trained.state.final_loss, "world_size": run.dist.world,
             "strategy": run.dist.strategy, **run.choice.as_dict(),
             "threads_per_process": torch.get_num_threads(), "resumed_from": str(run.resume_from or ""),
+            "select_metric": run.recipe.train.select_metric, "stopped_early": trained.state.stopped_early,
             **trained.peak}
 
 
@@ -106,6 +112,8 @@ def write(run: Run, report: dict, tracker) -> None:
     """The hparams to TensorBoard, then metrics.json, last (main rank)."""
     tracker.hparams(flat(to_dict(run.recipe)), {"accuracy": report["tuned"]["accuracy"],
                                                 "f1": report["tuned"]["f1"]})
+    tracker.final({f"{side}/{k}": report[side][k] for side in ("base", "tuned") for k in SLIM},
+                  report["train"]["steps"])
     tracker.close()
     write_json_atomic(run.out / "metrics.json", report)
 
@@ -134,6 +142,7 @@ def summary_table(report: dict) -> str:
                  f"whole run {report['wall_seconds']:.0f}s; peak memory {t['peak_memory_mb']:.0f} MB")
     if "peft" in report:
         p, c = report["peft"], report["params"]
+        adapter = f"; adapter: {p['adapter']['path']}" if "adapter" in p else ""
         lines.append(f"{p['method']}: {c['trainable_params']:,} of {c['total_params']:,} parameters trained "
-                     f"({c['trainable_share']:.2%}); adapter: {p['adapter']['path']}")
+                     f"({c['trainable_share']:.2%}){adapter}")
     return "\n".join(lines)
