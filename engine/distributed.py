@@ -201,6 +201,10 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return best
 
 
+def _available_backends() -> list[str]:
+    return [b for b in tdist.Backend.backend_list if b not in ("undefined", "fake") and tdist.is_backend_available(b)]
+
+
 def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
     """torchrun's store, with a key prefix per restart attempt.
 
@@ -237,6 +241,10 @@ def init(cfg: DistributedConfig, num_threads: int | None = None) -> Dist:
         raise DistributedSetupError(
             f"distributed.replicas={cfg.replicas} does not divide the {env_world} processes")
     backend = cfg.backend or ("nccl" if cuda else "gloo")
+    for name in {part.rpartition(":")[2].strip().lower() for part in backend.split(",")}:
+        if not tdist.is_backend_available(name):
+            raise DistributedSetupError(f"distributed.backend={backend}: this torch build has no {name} "
+                                        f"(on this machine: {', '.join(_available_backends()) or 'none'})")
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     if "WORLD_SIZE" in os.environ:
         tdist.init_process_group(backend, store=_attempt_store(rank, env_world, timeout), rank=rank,

@@ -154,3 +154,20 @@ def _unzip_pieces(uri: str, pieces: list[Path], target: Path) -> None:
         (work / ".complete").write_text("\n".join(str(p) for p in pieces) + "\n")
         shutil.rmtree(target, ignore_errors=True)  # an interrupted earlier attempt
         os.replace(work, target)
+
+
+def uncreatable(folder: str | Path) -> str | None:
+    """Why `folder` could not be created (or written into if it exists), None when it can: checked
+    before a run starts, without creating anything."""
+    path = Path(os.path.expanduser(str(folder)))
+    if any(len(part.encode("utf-8", "surrogateescape")) > 255 for part in path.parts):
+        return "a name in it is longer than 255 bytes"
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except OSError as e:  # a path the system refuses to look at
+        return f"{e.__class__.__name__}: {e.strerror or e}"
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
