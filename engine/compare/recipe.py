@@ -49,6 +49,7 @@ class CompareData(DataConfig):
     val_size: int = 200  # 0: no temperature scaling
 
     def check(self, where: str) -> None:
+        super().check(where)
         label = self.name or self.source
         if self.holdout_size and self.eval_split:
             raise RecipeError(f"{where}: dataset '{label}': holdout_size scores the rows held out of "
