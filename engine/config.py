@@ -196,11 +196,16 @@ class Recipe:
                 raise RecipeError(f"{where}: '{key}' must be >= 0, got {value}")
         if t.epochs <= 0 and t.max_steps == 0:
             raise RecipeError(f"{where}: 'train.epochs' must be > 0 (or set train.max_steps)")
-        if t.lr <= 0:
-            raise RecipeError(f"{where}: 'train.lr' must be > 0, got {t.lr}")
+        # AdamW moves each weight by about lr a step whatever the gradient's scale: past 1 the
+        # first step wipes out the pretrained weights (then the loss is NaN, and the run stops)
+        if not 0 < t.lr <= 1:
+            raise RecipeError(f"{where}: 'train.lr' must be in (0, 1], got {t.lr}")
         for key, value in {"train.weight_decay": t.weight_decay, "train.max_grad_norm": t.max_grad_norm}.items():
             if value < 0:
                 raise RecipeError(f"{where}: '{key}' must be >= 0, got {value}")
+        if t.lr * t.weight_decay >= 1:  # AdamW scales weights by 1 - lr * weight_decay each step
+            raise RecipeError(f"{where}: 'train.weight_decay' x 'train.lr' must be below 1 (each step scales "
+                              f"the weights by 1 - lr x weight_decay), got {t.weight_decay} x {t.lr}")
         if not 0 <= t.warmup_ratio < 1:
             raise RecipeError(f"{where}: 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
         if not 0 <= t.min_lr_ratio <= 1:

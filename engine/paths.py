@@ -62,9 +62,18 @@ def write_json_atomic(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def exists(path: str | Path) -> bool:
+    """Path.exists, False for a name the system refuses to look up (longer than it allows) instead
+    of raising: callers then say "does not exist" in one line."""
+    try:
+        return Path(path).exists()
+    except OSError:
+        return False
+
+
 def is_local(uri: str) -> bool:
     """True when `uri` names something on disk (or in a package) rather than a hub id."""
-    return uri.startswith(PACKAGE_SCHEME) or Path(uri).exists() or uri.startswith((".", "/", "~"))
+    return uri.startswith(PACKAGE_SCHEME) or exists(uri) or uri.startswith((".", "/", "~"))
 
 
 def cache_root() -> Path:

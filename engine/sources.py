@@ -20,7 +20,7 @@ import pandas as pd
 
 from engine.config import DataConfig
 from engine.errors import DataError, MissingPackageError
-from engine.paths import is_local, resolve
+from engine.paths import exists, is_local, resolve
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl")
 
@@ -153,7 +153,7 @@ def _read_hub(name: str, split: str, label_column: str):
 
 
 def _read_local(path: Path, split: str, cfg: DataConfig):
-    if not path.exists():
+    if not exists(path):
         raise DataError(f"{path}: data.source does not exist")
     if path.is_file():
         if split != cfg.train_split:

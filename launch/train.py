@@ -17,10 +17,11 @@ def main() -> int:
 
     # the engine loads only now, after argparse: --help and usage errors answer without importing torch
     from engine.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # before torch loads: a typo is answered at once
     from engine.finetune import finetune
     from engine.report import summary_table
 
-    recipe = load_recipe(args.recipe, args.overrides)
     report = finetune(recipe, overwrite=args.overwrite, resume=args.resume)
     if report is not None:
         print(summary_table(report))

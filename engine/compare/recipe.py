@@ -12,6 +12,7 @@ from typing import Any, Literal
 from engine.compare.polarity import POLARITIES
 from engine.config import DataConfig
 from engine.errors import RecipeError
+from engine.paths import uncreatable
 
 VADER = "vader"  # the VADER lexicon, named in `models` like a model
 SEED_MODELS = ["finiteautomata/bertweet-base-sentiment-analysis", "ProsusAI/finbert",
@@ -83,6 +84,9 @@ class CompareRecipe:
     trust_remote_code: bool = False
 
     def check(self, where: str) -> None:
+        why = uncreatable(self.output_dir)
+        if why:
+            raise RecipeError(f"{where}: 'output_dir' cannot be created ({why})")
         if not self.models:
             raise RecipeError(f"{where}: 'models' is empty; list hub names, folders or vader")
         if len(set(self.models)) != len(self.models):
