@@ -196,8 +196,8 @@ class Recipe:
                 raise RecipeError(f"{where}: '{key}' must be >= 0, got {value}")
         if t.epochs <= 0 and t.max_steps == 0:
             raise RecipeError(f"{where}: 'train.epochs' must be > 0 (or set train.max_steps)")
-        # AdamW moves each weight by about lr a step whatever the gradient's scale: past 1 the
-        # first step wipes out the pretrained weights (then the loss is NaN, and the run stops)
+        # AdamW moves each weight by about lr a step whatever the gradient's scale: past 1 one step
+        # outweighs the pretrained weights themselves (typically 0.01-0.1), and 1e300 makes them inf
         if not 0 < t.lr <= 1:
             raise RecipeError(f"{where}: 'train.lr' must be in (0, 1], got {t.lr}")
         for key, value in {"train.weight_decay": t.weight_decay, "train.max_grad_norm": t.max_grad_norm}.items():
