@@ -1,4 +1,5 @@
 """Reading splits from every kind of source, label ids and class names, seeded subsets, bad data."""
+import json
 import re
 
 import numpy as np
@@ -6,6 +7,7 @@ import pandas as pd
 import pytest
 
 import tiny
+from conftest import run_cli, tiny_overrides
 from engine.config import DataConfig
 from engine.errors import DataError
 from engine.sources import load_splits, stratified_subset
@@ -234,3 +236,23 @@ def test_malformed_mapping_file_names_its_line(tmp_path, mapping, expected):
     source = _mapped_pair(tmp_path / "pair", mapping)
     with pytest.raises(DataError, match="mapping.txt: " + re.escape(expected)):
         load_splits(DataConfig(source=source, eval_split="train"), seed=0)
+
+
+def test_labels_from_one_train_a_two_class_head_and_evaluate_reads_them_back(tiny_bert, tiny_data, tmp_path):
+    # a pretrained 2-class head fits 1/2 labels (it was refused: "does not fit the 3 classes"), and
+    # launch/evaluate.py maps the file's 1/2 onto tuned/'s classes "1", "2" by name
+    data = tmp_path / "one_two"
+    data.mkdir()
+    for split in ("train", "test"):
+        frame = pd.read_parquet(f"{tiny_data}/{split}.parquet")
+        frame["label"] += 1
+        frame.to_csv(data / f"{split}.csv", index=False)
+    out = tmp_path / "out"
+    p = run_cli("launch/train.py", "--recipe", "/dev/null", *tiny_overrides(tiny_bert, str(data), out), timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["tuned"]["labels"] == ["1", "2"] and m["data"]["labels"] == ["1", "2"]
+    assert json.loads((out / "tuned" / "config.json").read_text())["id2label"] == {"0": "1", "1": "2"}
+    p = run_cli("launch/evaluate.py", "--model", out / "tuned", "--data", data, "--max-length", "32", timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout)["accuracy"] == m["tuned"]["accuracy"]
