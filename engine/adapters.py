@@ -21,9 +21,12 @@ from engine.config import Recipe
 from engine.errors import AdapterError
 from engine.precision import DTYPES
 
-# bitsandbytes warns at import, on every AVX512-BF16 CPU, that an optional kernel package is
-# missing; its fallback works, and the stray line would break the one-line error of bad input
+# Importing bitsandbytes (peft does, for LoRA too) on an AVX512-BF16 CPU fetches an optional 4-bit
+# kernel through the `kernels` package. bitsandbytes warns when that package is missing (its fallback
+# works); with HF_HUB_OFFLINE=1 `kernels` warns that it skips the publisher check of the cached
+# kernel. Neither is ours to act on, and a stray line would break the one-line error of bad input.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("kernels").setLevel(logging.ERROR)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # the layers that get adapters when peft.target_modules is not set, by config.model_type. Encoders

@@ -6,6 +6,7 @@ one line instead of failing an hour in.
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
 import importlib.util
@@ -19,10 +20,17 @@ from typing import Any, Literal
 import yaml
 
 from engine.errors import RecipeError
+from engine.paths import uncreatable
 
 # No count, size, step or seed in a recipe means anything past this; a larger one is a typo that
 # would otherwise fail later (an allocation, a numpy seed, a tensor shape) with a traceback.
 MAX_INT = 2**31 - 1
+# more torch threads than any machine has cores only thrashes, and 2**31 of them exhausts memory
+MAX_THREADS = 4096
+# what torch.distributed.init_process_group accepts (torch.distributed.Backend.backend_list, less
+# "undefined" and the test-only "fake"), here so a typo stops at load without importing torch; a
+# backend this build lacks (nccl without CUDA) stops at launch, in engine/distributed.py
+BACKENDS = ("gloo", "nccl", "mpi", "ucc", "xccl")
 
 
 @dataclass
@@ -63,6 +71,19 @@ class DataConfig:
     test_split: str | None = None
     test_size: int | None = None  # seeded, stratified subset of the test split
     cache_dir: str | None = None  # tokenized cache (default ~/.cache/sentiment-engine)
+
+    def check(self, where: str) -> None:
+        """What one data section can check alone (Recipe.check has the rules that span sections)."""
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise RecipeError(f"{where}: 'data.encoding' {self.encoding!r} is not a known text encoding "
+                              f"(utf-8, latin-1, ...)") from None
+        if self.label_names is not None:
+            folded = [n.lower() for n in self.label_names]  # labels match their names case-blind
+            if len(folded) < 2 or len(set(folded)) != len(folded):
+                raise RecipeError(f"{where}: 'data.label_names' must list at least two different class "
+                                  f"names, got {self.label_names}")
 
 
 @dataclass
@@ -107,6 +128,20 @@ class DistributedConfig:
     reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (less memory)
     cpu_offload: bool = False  # fsdp: keep sharded parameters and optimizer state in host memory
     timeout_s: int = 600  # a collective that waits longer fails instead of hanging
+
+    def check(self, where: str) -> None:
+        if self.replicas < 1:
+            raise RecipeError(f"{where}: 'distributed.replicas' must be >= 1, got {self.replicas}")
+        if self.timeout_s < 1:
+            raise RecipeError(f"{where}: 'distributed.timeout_s' must be >= 1 (seconds), got {self.timeout_s}")
+        if self.backend is not None:
+            # "gloo", or torch's per-device form "cpu:gloo,cuda:nccl"
+            for part in self.backend.split(","):
+                name = part.rpartition(":")[2].strip().lower()
+                if name not in BACKENDS:
+                    raise RecipeError(f"{where}: 'distributed.backend' must be one of {', '.join(BACKENDS)} "
+                                      f"(or device:backend pairs, cpu:gloo,cuda:nccl), or null; got "
+                                      f"{self.backend!r}")
 
 
 @dataclass
@@ -167,6 +202,17 @@ class Recipe:
         for key, value in positive.items():
             if value < 1:
                 raise RecipeError(f"{where}: '{key}' must be >= 1, got {value}")
+        if self.seed < 0:  # numpy's seeds are unsigned
+            raise RecipeError(f"{where}: 'seed' must be >= 0, got {self.seed}")
+        if t.num_threads is not None and not 1 <= t.num_threads <= MAX_THREADS:
+            raise RecipeError(f"{where}: 'train.num_threads' must be in 1..{MAX_THREADS} (or null: cores / "
+                              f"processes), got {t.num_threads}")
+        if t.epochs > MAX_INT:
+            raise RecipeError(f"{where}: 'train.epochs' must be at most {MAX_INT}, got {t.epochs}")
+        for key, folder in (("output_dir", self.output_dir), ("data.cache_dir", d.cache_dir)):
+            why = uncreatable(folder) if folder is not None else None
+            if why:
+                raise RecipeError(f"{where}: '{key}' cannot be created ({why})")
         for key, value in {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
                            "data.holdout_size": d.holdout_size, "checkpoint.every": self.checkpoint.every,
                            "train.early_stopping_patience": t.early_stopping_patience,
@@ -175,11 +221,16 @@ class Recipe:
                 raise RecipeError(f"{where}: '{key}' must be >= 0, got {value}")
         if t.epochs <= 0 and t.max_steps == 0:
             raise RecipeError(f"{where}: 'train.epochs' must be > 0 (or set train.max_steps)")
-        if t.lr <= 0:
-            raise RecipeError(f"{where}: 'train.lr' must be > 0, got {t.lr}")
+        # AdamW moves each weight by about lr a step whatever the gradient's scale: past 1 one step
+        # outweighs the pretrained weights themselves (typically 0.01-0.1), and 1e300 makes them inf
+        if not 0 < t.lr <= 1:
+            raise RecipeError(f"{where}: 'train.lr' must be in (0, 1], got {t.lr}")
         for key, value in {"train.weight_decay": t.weight_decay, "train.max_grad_norm": t.max_grad_norm}.items():
             if value < 0:
                 raise RecipeError(f"{where}: '{key}' must be >= 0, got {value}")
+        if t.lr * t.weight_decay >= 1:  # AdamW scales weights by 1 - lr * weight_decay each step
+            raise RecipeError(f"{where}: 'train.weight_decay' x 'train.lr' must be below 1 (each step scales "
+                              f"the weights by 1 - lr x weight_decay), got {t.weight_decay} x {t.lr}")
         if not 0 <= t.warmup_ratio < 1:
             raise RecipeError(f"{where}: 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
         if not 0 <= t.min_lr_ratio <= 1:
@@ -215,6 +266,8 @@ class Recipe:
         if d.test_size is not None and d.test_split is None:
             raise RecipeError(f"{where}: 'data.test_size' needs 'data.test_split'")
         # the special tokens are counted against the tokenizer when tokenizing; here, what is known
+        if d.head_tokens < 1:
+            raise RecipeError(f"{where}: 'data.head_tokens' must be >= 1, got {d.head_tokens}")
         if d.truncation == "head_tail" and not 0 < d.head_tokens < d.max_length:
             raise RecipeError(f"{where}: 'data.head_tokens' must be in 1..{d.max_length - 1} (below "
                               f"data.max_length, leaving room for the tail), got {d.head_tokens}")
@@ -225,6 +278,9 @@ class Recipe:
             raise RecipeError(f"{where}: 'peft.alpha' must be > 0, got {p.alpha}")
         if not 0 <= p.dropout < 1:
             raise RecipeError(f"{where}: 'peft.dropout' must be in [0, 1), got {p.dropout}")
+        if p.target_modules is not None and not p.target_modules:
+            raise RecipeError(f"{where}: 'peft.target_modules' is empty; list layer names, or null for the "
+                              f"architecture's default")
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,14 +376,14 @@ def _build(schema: type, raw: dict, prefix: str, where: str, root: type):
     return obj
 
 
-def _coerce(tp: Any, value: Any, key: str, where: str, root: type) -> Any:
+def _coerce(tp: Any, value: Any, key: str, where: str, root: type, optional: bool = False) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key, where, root)
+        return _coerce(inner[0], value, key, where, root, optional=type(None) in args)
     if dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
@@ -380,6 +436,10 @@ def _coerce(tp: Any, value: Any, key: str, where: str, root: type) -> Any:
         return number
     if tp is str:
         if isinstance(value, str):
+            # an empty name, path or column means "here" or "nothing" by accident (output_dir "" is
+            # the working folder); a key that may be left unset takes null instead
+            if not value.strip():
+                raise RecipeError(f"{where}: '{key}' is empty" + (" (null leaves it unset)" if optional else ""))
             return value
         raise RecipeError(f"{where}: '{key}' must be a string, got {value!r}")
     return value

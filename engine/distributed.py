@@ -214,18 +214,39 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks to shard one by one, found without a per-architecture list.
 
     First the classes the model itself declares unsplittable (`_no_split_modules`, set by
-    transformers for most architectures); else the children of the longest ModuleList of
-    same-type modules (DistilBERT's `transformer.layer`).
+    transformers for most architectures); else the most numerous same-type modules under one
+    ModuleList (DistilBERT's `transformer.layer`), looking through lists of lists (Funnel's
+    `encoder.blocks`: one list of layers per block). Only modules with a forward of their own can be
+    units: fully_shard refuses a bare container.
     """
     names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model and _runs_forward(m)]
     if blocks:
         return blocks
     best: list[nn.Module] = []
     for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) > len(best) and len({type(c) for c in m}) == 1:
-            best = list(m)
+        if isinstance(m, nn.ModuleList):
+            units = list(_units(m))
+            if len(units) > len(best) and len({type(u) for u in units}) == 1:
+                best = units
     return best
+
+
+def _runs_forward(m: nn.Module) -> bool:
+    return type(m).forward is not nn.Module.forward
+
+
+def _units(container: nn.Module):
+    """The modules under a container that run a forward, looking inside nested containers."""
+    for child in container.children():
+        if _runs_forward(child):
+            yield child
+        else:
+            yield from _units(child)
+
+
+def _available_backends() -> list[str]:
+    return [b for b in tdist.Backend.backend_list if b not in ("undefined", "fake") and tdist.is_backend_available(b)]
 
 
 def _attempt_store(rank: int, world: int, timeout: datetime.timedelta):
@@ -264,6 +285,10 @@ def init(cfg: DistributedConfig, num_threads: int | None = None) -> Dist:
         raise DistributedSetupError(
             f"distributed.replicas={cfg.replicas} does not divide the {env_world} processes")
     backend = cfg.backend or ("nccl" if cuda else "gloo")
+    for name in {part.rpartition(":")[2].strip().lower() for part in backend.split(",")}:
+        if not tdist.is_backend_available(name):
+            raise DistributedSetupError(f"distributed.backend={backend}: this torch build has no {name} "
+                                        f"(on this machine: {', '.join(_available_backends()) or 'none'})")
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     if "WORLD_SIZE" in os.environ:
         tdist.init_process_group(backend, store=_attempt_store(rank, env_world, timeout), rank=rank,

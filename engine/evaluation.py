@@ -122,6 +122,7 @@ def evaluate_pretrained(model_path: str, data_cfg, split: str, batch_size: int =
     mcfg = ModelConfig(name_or_path=model_path, trust_remote_code=trust_remote_code)
     tokenizer = modeling.load_tokenizer(mcfg)
     model = modeling.load_model(mcfg, tokenizer=tokenizer)
+    modeling.check_max_length(model, data_cfg.max_length, model_path, key="--max-length")
     names = modeling.label_names_of(model)
     examples = sources.load_eval_split(data_cfg, split, data_cfg.label_names or names)
     tokens = batching.tokenize(examples, tokenizer, data_cfg.max_length, data_cfg.cache_dir,

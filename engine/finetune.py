@@ -138,6 +138,7 @@ def load(run: Run) -> tuple[RunData, nn.Module]:
         splits = sources.load_splits(d, recipe.seed, lambda: modeling.config_label_names(recipe.model))
         tokenizer = modeling.load_tokenizer(recipe.model)
         model = modeling.load_model(recipe.model, splits.label_names, tokenizer)
+        modeling.check_max_length(model, d.max_length, recipe.model.name_or_path)
 
     def tokenize(examples):
         return batching.tokenize(examples, tokenizer, d.max_length, d.cache_dir,
@@ -207,6 +208,9 @@ def open_tracker(run: Run, data: RunData, attention: str, base_metrics: dict, ca
                     + f"{dist.world} process(es), "
                     f"{torch.get_num_threads()} thread(s) each, strategy {dist.strategy}, "
                     f"{run.choice.describe()}, attention {attention}")
+    if sources.numbered(splits.label_names):
+        tracker.message(f"integer labels {', '.join(splits.label_names)} are classes 0..{len(splits.label_names) - 1}, "
+                        f"named by their value")
     cached_note = " (reused: an earlier run scored this base on this eval set)" if cached else ""
     tracker.message(f"base{' (4-bit, as it trains)' if peft == 'qlora' else ''}: "
                     f"accuracy {base_metrics['accuracy']:.4f}  f1 {base_metrics['f1']:.4f}{cached_note}")

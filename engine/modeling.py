@@ -8,7 +8,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, GgufConfig
 
 from engine.config import ModelConfig
-from engine.errors import MissingPackageError, ModelError
+from engine.errors import MissingPackageError, ModelError, RecipeError
 from engine.paths import resolve
 
 
@@ -94,6 +94,33 @@ def model_from_config(config, cfg: ModelConfig):
     torch.device("meta") by the ranks that receive their weights from another."""
     return AutoModelForSequenceClassification.from_config(
         config, attn_implementation=config._attn_implementation, trust_remote_code=cfg.trust_remote_code)
+
+
+# the learned absolute-position tables, by the names transformers gives them (BERT and its kin,
+# GPT-2, OPT/BART); rotary and relative-position models (Llama, ModernBERT, DeBERTa-v3) have none
+POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+
+
+def max_positions(model) -> int | None:
+    """How many tokens the model's position table holds; None when it has none (no such limit).
+
+    RoBERTa-like tables (a padding_idx on the table: RoBERTa, XLM-R, MPNet) number positions from
+    padding_idx + 1, so 514 rows hold 512; OPT/BART's learned tables skip their `offset` rows.
+    """
+    from torch import nn
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
+            start = module.padding_idx + 1 if module.padding_idx is not None else 0
+            return module.num_embeddings - start - int(getattr(module, "offset", 0) or 0)
+    return None
+
+
+def check_max_length(model, max_length: int, name: str, key: str = "data.max_length") -> None:
+    """Stop before any forward when a text cut to max_length would run past the position table."""
+    limit = max_positions(model)
+    if limit is not None and max_length > limit:
+        raise RecipeError(f"{key}={max_length} is past the {limit} positions of {name}; set it to {limit} or less")
 
 
 def attn_implementation(model) -> str:

@@ -62,9 +62,18 @@ def write_json_atomic(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def exists(path: str | Path) -> bool:
+    """Path.exists, False for a name the system refuses to look up (longer than it allows) instead
+    of raising: callers then say "does not exist" in one line."""
+    try:
+        return Path(path).exists()
+    except OSError:
+        return False
+
+
 def is_local(uri: str) -> bool:
     """True when `uri` names something on disk (or in a package) rather than a hub id."""
-    return uri.startswith(PACKAGE_SCHEME) or Path(uri).exists() or uri.startswith((".", "/", "~"))
+    return uri.startswith(PACKAGE_SCHEME) or exists(uri) or uri.startswith((".", "/", "~"))
 
 
 def cache_root() -> Path:
@@ -154,3 +163,20 @@ def _unzip_pieces(uri: str, pieces: list[Path], target: Path) -> None:
         (work / ".complete").write_text("\n".join(str(p) for p in pieces) + "\n")
         shutil.rmtree(target, ignore_errors=True)  # an interrupted earlier attempt
         os.replace(work, target)
+
+
+def uncreatable(folder: str | Path) -> str | None:
+    """Why `folder` could not be created (or written into if it exists), None when it can: checked
+    before a run starts, without creating anything."""
+    path = Path(os.path.expanduser(str(folder)))
+    if any(len(part.encode("utf-8", "surrogateescape")) > 255 for part in path.parts):
+        return "a name in it is longer than 255 bytes"
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except OSError as e:  # a path the system refuses to look at
+        return f"{e.__class__.__name__}: {e.strerror or e}"
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None

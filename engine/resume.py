@@ -45,7 +45,10 @@ def prepare_output_dir(out: Path, overwrite: bool, resume: str | None, dist) -> 
         raise OutputDirError(f"{out}: holds an unfinished run ({leftovers[0]}) and no checkpoint to resume; "
                              f"start over with --overwrite")
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # the recipe's check cannot foresee every refusal (a read-only mount)
+            raise OutputDirError(f"{out}: output_dir cannot be created ({e.strerror or e})") from None
     return resume_from
 
 
@@ -118,6 +121,11 @@ def check_fingerprint(folder: Path, saved: dict, now: dict) -> None:
 def read_checkpoint(resume_from: Path | None, fingerprint: dict) -> dict | None:
     """The state.json of the checkpoint resumed from (None: a fresh run), checked to come from this run."""
     saved = checkpoint.read_state(resume_from) if resume_from else None
-    if saved:
+    if saved is not None:
+        missing = [k for k in ("fingerprint", "loop", "base_metrics")
+                   if not isinstance(saved, dict) or not isinstance(saved.get(k), dict)]
+        if missing:
+            raise checkpoint.CheckpointError(f"{resume_from}/state.json: not a training checkpoint of this "
+                                             f"engine (no {', '.join(missing)})")
         check_fingerprint(resume_from, saved["fingerprint"], fingerprint)
     return saved

@@ -20,7 +20,7 @@ import pandas as pd
 
 from engine.config import DataConfig
 from engine.errors import DataError, MissingPackageError
-from engine.paths import is_local, resolve
+from engine.paths import exists, is_local, resolve
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl")
 
@@ -64,7 +64,7 @@ def load_splits(cfg: DataConfig, seed: int,
         evals.origin += f" (held out: {cfg.holdout_size}, seed {seed})"
     else:
         eval_raw = read_split(cfg, cfg.eval_split)
-        names, train_ids = label_ids(train_raw, cfg, None, model_names)
+        names, train_ids = label_ids(train_raw, cfg, None, model_names, also=eval_raw.labels)
         _, eval_ids = label_ids(eval_raw, cfg, names)
         train = Examples(train_raw.texts, train_ids, train_raw.origin)
         evals = Examples(eval_raw.texts, eval_ids, eval_raw.origin)
@@ -153,7 +153,7 @@ def _read_hub(name: str, split: str, label_column: str):
 
 
 def _read_local(path: Path, split: str, cfg: DataConfig):
-    if not path.exists():
+    if not exists(path):
         raise DataError(f"{path}: data.source does not exist")
     if path.is_file():
         if split != cfg.train_split:
@@ -224,13 +224,27 @@ def _read_text_label_pair(path: Path, split: str, cfg: DataConfig):
     labels = decode_file(label_file, cfg.encoding).splitlines()
     if len(texts) != len(labels):
         raise DataError(f"{label_file}: {len(labels)} labels for {len(texts)} lines of {text_file.name}")
-    names = None
     mapping = path / "mapping.txt"
-    if mapping.exists():
-        pairs = [line.split("\t") for line in decode_file(mapping, cfg.encoding).splitlines() if line.strip()]
-        names = [p[1].strip() for p in sorted(pairs, key=lambda p: int(p[0]))]
+    names = _read_mapping(mapping, cfg.encoding) if mapping.exists() else None
     frame = pd.DataFrame({cfg.text_column: texts, cfg.label_column: labels})
     return frame, str(text_file), names
+
+
+def _read_mapping(mapping: Path, encoding: str) -> list[str]:
+    """TweetEval's mapping.txt: `<id>\t<name>` a line, ids 0..K-1 in any order -> names by id."""
+    by_id = {}
+    for line_no, line in enumerate(decode_file(mapping, encoding).splitlines(), 1):
+        if not line.strip():
+            continue
+        number, sep, name = line.strip().partition("\t")
+        if not sep or not number.strip().isdigit() or not name.strip():
+            raise DataError(f"{mapping}: line {line_no}: expected '<class id><tab><name>', got {line.strip()[:80]!r}")
+        if int(number) in by_id:
+            raise DataError(f"{mapping}: line {line_no}: class id {int(number)} named twice")
+        by_id[int(number)] = name.strip()
+    if sorted(by_id) != list(range(len(by_id))) or len(by_id) < 2:
+        raise DataError(f"{mapping}: class ids must be 0..K-1 for K >= 2 classes, got {sorted(by_id)}")
+    return [by_id[i] for i in range(len(by_id))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,12 +252,14 @@ def _read_text_label_pair(path: Path, split: str, cfg: DataConfig):
 
 
 def label_ids(raw: RawSplit, cfg: DataConfig, names: list[str] | None,
-              model_names: Callable[[], list[str] | None] | None = None):
+              model_names: Callable[[], list[str] | None] | None = None, also: list = ()):
     """Map stored labels to class ids; returns (class names, ids).
 
     Class names, first found: `names` (the train split's, when mapping eval), data.label_names,
-    the names the source declares (hub ClassLabel, mapping.txt, aclImdb's neg/pos), the model's
-    own names when integer labels count exactly as many classes, else LABEL_i.
+    the names the source declares (hub ClassLabel, mapping.txt, aclImdb's neg/pos), else for
+    integer labels those of `_integer_class_names` (`also`: the other splits' labels, which decide
+    with this split's whether they count from 0 or from 1). Integer labels map by position, or by
+    name when every class name is a number ("1".."K": see `_integer_class_names`).
     """
     values, rows, column = raw.labels, raw.rows, raw.column
     for v, row in zip(values, rows, strict=True):
@@ -253,12 +269,14 @@ def label_ids(raw: RawSplit, cfg: DataConfig, names: list[str] | None,
     as_int = [_as_int(v) for v in values]
     if all(v is not None for v in as_int):
         if names is None:
-            n_classes = max(max(as_int) + 1, 2)
-            named = model_names() if model_names else None
-            if named and len(named) == n_classes:
-                names = list(named)
-            else:
-                names = [f"LABEL_{i}" for i in range(n_classes)]
+            names = _integer_class_names(as_int, [i for i in map(_as_int, also) if i is not None], model_names)
+        if numbered(names):  # classes named by their stored value ("1".."K"): map by name
+            by_value = {int(n): i for i, n in enumerate(names)}
+            for v, row in zip(as_int, rows, strict=True):
+                if v not in by_value:
+                    raise DataError(f"{raw.origin}: row {row}, column '{column}': label {v} is not one of "
+                                    f"the classes {', '.join(names)}")
+            return list(names), np.asarray([by_value[v] for v in as_int], dtype=np.int64)
         for v, row in zip(as_int, rows, strict=True):
             if not 0 <= v < len(names):
                 raise DataError(f"{raw.origin}: row {row}, column '{column}': label {v} out of range "
@@ -278,6 +296,28 @@ def label_ids(raw: RawSplit, cfg: DataConfig, names: list[str] | None,
                             f"(known: {', '.join(names)})")
         ids.append(index[v.lower()])
     return list(names), np.asarray(ids, dtype=np.int64)
+
+
+def _integer_class_names(values: list[int], others: list[int], model_names) -> list[str]:
+    """Classes for integer labels that nobody names: as many as the train split's largest label says.
+
+    0..K-1, as in every hub dataset and in what transformers' heads expect: the ids as stored, named
+    as the model's config names K classes, else LABEL_i. No 0 in train nor in the `others` splits
+    (Yelp and Amazon polarity CSVs store 1/2, star ratings 1..5): the labels count from one, and K
+    classes named "1".."K" take ids 0..K-1, so no class that never occurs is added to the head and
+    to macro-F1. Another split's label past train's classes stays an error (a typo, or a class
+    the model would never learn).
+    """
+    if min(values + others) >= 1:
+        return [str(v) for v in range(1, max(max(values), 2) + 1)]
+    n_classes = max(max(values) + 1, 2)
+    named = model_names() if model_names else None
+    return list(named) if named and len(named) == n_classes else [f"LABEL_{i}" for i in range(n_classes)]
+
+
+def numbered(names: list[str]) -> bool:
+    """Class names that are the integer labels they stand for ("1".."5"): labels map to them by name."""
+    return all(str(n).strip().lstrip("-").isdigit() for n in names)
 
 
 def _as_int(value):

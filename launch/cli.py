@@ -1,6 +1,8 @@
-"""What every launch script shares: import path, quiet libraries, and exit codes for bad input."""
+"""What every launch script shares: import path, argument parsing, quiet libraries, and exit codes
+for bad input."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -11,6 +13,40 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # our own loop: keep transformers from printing advice meant for its Trainer
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with bad arguments answered as any bad input is: one line on stderr, exit code 2."""
+
+    def __init__(self, description: str):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number from 1 to the recipes' bound (sizes, lengths, batches)."""
+    from engine.config import MAX_INT  # light: yaml, no torch
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= MAX_INT:
+        raise argparse.ArgumentTypeError(f"must be in 1..{MAX_INT}, got {value}")
+    return value
+
+
+def encoding(text: str) -> str:
+    """An argparse type: a text encoding Python knows (utf-8, latin-1, ...)."""
+    import codecs
+
+    try:
+        codecs.lookup(text)
+    except LookupError:
+        raise argparse.ArgumentTypeError(f"not a known text encoding: {text!r}") from None
+    return text
 
 
 def quiet_libraries() -> None:

@@ -5,13 +5,11 @@
 
 Writes report.md, report.json and PNG plots to output_dir and prints the phrase table.
 """
-import argparse
-
 import cli
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--recipe", required=True, help="YAML compare recipe (see recipes/compare_*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. models=[a,b,vader] datasets=[]")
     args = parser.parse_intermixed_args()  # flags may come after key=value overrides

@@ -3,13 +3,11 @@
     python launch/train.py --recipe recipes/demo_minilm_imdb.yaml [key.sub=value ...]
     torchrun --nproc_per_node=2 launch/train.py --recipe recipes/X.yaml distributed.strategy=ddp
 """
-import argparse
-
 import cli
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(__doc__)
     parser.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
     parser.add_argument("--overwrite", action="store_true", help="start over, deleting a run in output_dir")
     parser.add_argument("--resume", metavar="auto|PATH",
@@ -19,10 +17,11 @@ def main() -> int:
 
     # the engine loads only now, after argparse: --help and usage errors answer without importing torch
     from engine.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # before torch loads: a typo is answered at once
     from engine.finetune import finetune
     from engine.report import summary_table
 
-    recipe = load_recipe(args.recipe, args.overrides)
     report = finetune(recipe, overwrite=args.overwrite, resume=args.resume)
     if report is not None:
         print(summary_table(report))

@@ -229,10 +229,13 @@ def test_defaults_per_architecture_and_all_linear_keeps_the_head_whole(wide):
     assert not any(".classifier." in n for n in lora)
 
 
-def test_bad_targets_stop_with_one_line(wide, data, tmp_path):
+# offline clusters set HF_HUB_OFFLINE=1: libraries that then warn on stderr must stay quiet there too
+@pytest.mark.parametrize("offline", [False, True], ids=["online", "HF_HUB_OFFLINE"])
+def test_bad_targets_stop_with_one_line(wide, data, tmp_path, offline):
+    env = {"HF_HUB_OFFLINE": "1" if offline else "0"}
     p = run_cli("launch/train.py", "--recipe", "recipes/imdb_distilbert_lora.yaml",
                 *tiny_overrides(wide["distilbert"], data, tmp_path / "bad"), "data.label_names=null",
-                "data.train_size=null", "data.eval_size=null", "peft.target_modules=[nope]")
+                "data.train_size=null", "data.eval_size=null", "peft.target_modules=[nope]", env=env)
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0], p.stderr

@@ -44,6 +44,22 @@ def test_yaml_then_overrides(tmp_path):
     ("train.batch_size=99999999999999999999999", "'train.batch_size' must be at most"),
     ("seed=-99999999999999999999999", "'seed' must be at most"),
     ("train.epochs=1" + "0" * 400, "'train.epochs' must be a finite number"),
+    ("train.num_threads=-1", "'train.num_threads' must be in 1..4096"),
+    ("train.num_threads=0", "'train.num_threads' must be in 1..4096"),
+    ("distributed.timeout_s=-1", "'distributed.timeout_s' must be >= 1"),
+    ("distributed.timeout_s=0", "'distributed.timeout_s' must be >= 1"),
+    ("distributed.replicas=0", "'distributed.replicas' must be >= 1"),
+    ("distributed.backend=glooo", "'distributed.backend' must be one of gloo, nccl, mpi"),
+    ("distributed.backend=cpu:gloo,cuda:nccll", "got 'cpu:gloo,cuda:nccll'"),
+    ("seed=-1", "'seed' must be >= 0"),
+    ("output_dir=", "'output_dir' is empty"),
+    ("data.eval_split=", "'data.eval_split' is empty (null leaves it unset)"),
+    ("data.encoding=utf-9", "'data.encoding' 'utf-9' is not a known text encoding"),
+    ("data.label_names=[pos]", "'data.label_names' must list at least two different class names"),
+    ("data.label_names=[pos,POS]", "'data.label_names' must list at least two different class names"),
+    ("peft.target_modules=[]", "'peft.target_modules' is empty"),
+    ("data.head_tokens=0", "'data.head_tokens' must be >= 1"),
+    ("train.epochs=1e12", "'train.epochs' must be at most 2147483647"),
 ])
 def test_bad_values_name_the_key(override, expected):
     with pytest.raises(RecipeError) as e:
@@ -94,3 +110,18 @@ def test_cli_takes_flags_after_overrides_and_usage_errors_are_plain(tmp_path):
     p = run_cli("launch/train.py", "--recipe", f, "--no-such-flag")
     assert p.returncode == 2 and "unrecognized arguments: --no-such-flag" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_backend_pairs_load():
+    assert load_recipe(None, ["distributed.backend=cpu:gloo,cuda:nccl"]).distributed.backend == "cpu:gloo,cuda:nccl"
+
+
+@pytest.mark.parametrize("key", ["output_dir", "data.cache_dir"])
+def test_folders_that_cannot_be_created_stop_at_load(tmp_path, key):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(RecipeError, match=f"'{key}' cannot be created \\(.*a_file is not a folder\\)"):
+        load_recipe(None, [f"{key}={tmp_path / 'a_file' / 'sub'}"])
+    with pytest.raises(RecipeError, match="a name in it is longer than 255 bytes"):
+        load_recipe(None, [f"{key}={tmp_path / ('x' * 300)}"])
+    assert load_recipe(None, [f"{key}={tmp_path / 'new' / 'deeper'}"])  # creatable: fine, and not created
+    assert not (tmp_path / "new").exists()

@@ -60,3 +60,15 @@ def test_what_differs_between_strategies_is_answered_by_dist():
     wrapped = Wrapper(inner)
     assert ddp.eval_module(wrapped) is inner  # DDP's forward adds nothing at eval
     assert fsdp.eval_module(wrapped) is wrapped  # FSDP's forward gathers the shards: it must run
+
+
+@pytest.mark.parametrize("block_sizes", [[1, 1, 1], [4, 4, 4]])
+def test_blocks_inside_lists_of_lists_are_the_layers(block_sizes):
+    # Funnel keeps its layers in encoder.blocks[block][layer]: the units are every FunnelLayer
+    # (never an inner ModuleList, which fully_shard refuses, nor one block's layers only)
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    spec = {**tiny.ARCH["funnel"], "block_sizes": block_sizes}
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec))
+    blocks = transformer_blocks(model)
+    assert [type(b).__name__ for b in blocks] == ["FunnelLayer"] * sum(block_sizes)
+    assert {id(b) for b in blocks} == {id(layer) for inner in model.funnel.encoder.blocks for layer in inner}

@@ -1,8 +1,13 @@
 """Malformed recipes and data files: every one ends in a clean one-line error, never a traceback."""
 import dataclasses
+import json
+import math
 import random
+import types
+import typing
 
 import pytest
+import yaml
 
 from conftest import run_cli, tiny_overrides
 from engine.config import DataConfig, Recipe, load_recipe
@@ -91,3 +96,136 @@ def test_cli_malformed_data_exits_2_without_traceback(tmp_path, tiny_bert, conte
     assert p.returncode == 2, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and p.stderr.strip().startswith("error: ")
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+# ---- every recipe key x {wrong type, negative, zero, huge, NaN, empty string} --------------------
+
+def _leaf_keys(schema, prefix=""):
+    """(dotted key, type) of every recipe key, read from the dataclasses: a key added later is fuzzed too."""
+    out = []
+    for name, tp in typing.get_type_hints(schema).items():
+        if dataclasses.is_dataclass(tp):
+            out += _leaf_keys(tp, f"{prefix}{name}.")
+        else:
+            out.append((prefix + name, tp))
+    return out
+
+
+KEYS = _leaf_keys(Recipe)
+HUGE = {int: 10**12, float: 1e300}
+
+
+def _base_type(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return _base_type(args[0]) if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
+
+
+def _fuzz_values(tp) -> dict:
+    base = _base_type(tp)
+    scalar_wrong = 5 if base is str or typing.get_origin(base) in (list, dict, typing.Literal) else "abc"
+    return {"wrong type": scalar_wrong, "nested list": [[1]], "negative": -1, "zero": 0,
+            "huge": HUGE.get(base, 10**12), "NaN": float("nan"), "empty string": ""}
+
+
+CASES = [(key, kind, value) for key, tp in KEYS for kind, value in _fuzz_values(tp).items()]
+# The fuzz values a recipe may hold: each runs in test_fuzz_values_valid_at_load_run_cleanly
+VALID_AT_LOAD = {
+    ("seed", "zero"), ("train.max_steps", "zero"), ("train.eval_every", "zero"), ("data.holdout_size", "zero"),
+    ("checkpoint.every", "zero"), ("checkpoint.keep", "zero"), ("train.weight_decay", "zero"),
+    ("train.warmup_ratio", "zero"), ("train.min_lr_ratio", "zero"), ("train.max_grad_norm", "zero"),
+    ("peft.dropout", "zero"), ("train.max_grad_norm", "huge"),
+}
+
+
+def test_every_recipe_key_is_fuzzed():
+    keys = {k for k, _ in KEYS}
+    assert len(keys) >= 57 and {"output_dir", "data.cache_dir", "distributed.backend", "peft.target_modules"} <= keys
+    assert {k for k, _ in VALID_AT_LOAD} <= keys
+
+
+@pytest.mark.parametrize("key, kind, value", CASES, ids=[f"{k}-{kind}" for k, kind, _ in CASES])
+def test_fuzzed_recipe_key_is_one_line_at_load(tmp_path, key, kind, value):
+    section, _, leaf = key.rpartition(".")
+    raw = {section: {leaf: value}} if section else {leaf: value}
+    f = tmp_path / "r.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    if (key, kind) in VALID_AT_LOAD:
+        load_recipe(f)
+        return
+    with pytest.raises(RecipeError) as e:
+        load_recipe(f)
+    assert "\n" not in str(e.value) and str(f) in str(e.value) and f"'{key}" in str(e.value)
+
+
+@pytest.mark.parametrize("kind", ["zero", "huge"])
+def test_fuzz_values_valid_at_load_run_cleanly(tiny_bert, tiny_data, tmp_path, kind):
+    """Every fuzz value the recipe accepts, together in one run (per kind): it trains to the end."""
+    values = {"zero": 0, "huge": 1e300}[kind]
+    overrides = [f"{key}={values}" for key, k in sorted(VALID_AT_LOAD) if k == kind]
+    if kind == "huge":  # the adapters' keys too, with a method that reads them
+        overrides += ["peft.method=lora"]
+    out = tmp_path / "out"
+    p = run_cli("launch/train.py", "--recipe", "/dev/null", *tiny_overrides(tiny_bert, tiny_data, out), *overrides,
+                "train.epochs=2", timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["tuned"]["n"] == 33 and math.isfinite(m["tuned"]["loss"]) and m["train"]["steps"] > 0
+    assert not (out / "checkpoints").exists() or kind != "zero"  # checkpoint.keep=0 writes none
+
+
+# ---- the launchers' arguments: one line on stderr, exit 2, nothing written ------------------------
+# {model}, {data}, {out}, {tmp}: a tiny model, tiny data, an output folder, a scratch folder
+LONG = "x" * 5000  # past any file name the system allows
+TRAIN = ["--recipe", "/dev/null", "model.name_or_path={model}", "data.source={data}", "output_dir={out}",
+         "data.max_length=32", "train.batch_size=8", "train.max_steps=2", "train.num_threads=1"]
+EVAL = ["--model", "{model}", "--data", "{data}", "--max-length", "32"]
+LAUNCHER_CASES = [
+    ("train", [], "the following arguments are required: --recipe"),
+    ("train", ["--recipe", "{tmp}"], "cannot read recipe"),
+    ("train", ["--recipe", "/dev/null", "train.lr"], "expected key.sub=value"),
+    ("train", ["--recipe", "/dev/null", "=3"], "expected key.sub=value"),
+    ("train", [*TRAIN, "--bogus"], "unrecognized arguments: --bogus"),
+    ("train", [*TRAIN, "output_dir={tmp}/a_file/out"], "'output_dir' cannot be created"),
+    ("train", [*TRAIN, "data.cache_dir={tmp}/a_file/cache"], "'data.cache_dir' cannot be created"),
+    ("train", [*TRAIN, "--resume", "{tmp}/nowhere"], "not a checkpoint (no state.json)"),
+    ("train", [*TRAIN, "--resume", "{tmp}/no_fingerprint"], "not a training checkpoint of this engine"),
+    ("train", [*TRAIN, "distributed.strategy=ddp", "distributed.backend=nccl"], "this torch build has no nccl"),
+    ("train", [*TRAIN, "data.source={tmp}/" + LONG], "data.source does not exist"),
+    ("evaluate", [], "the following arguments are required: --model, --data"),
+    ("evaluate", [*EVAL, "--batch-size", "0"], "argument --batch-size: must be in 1.."),
+    ("evaluate", [*EVAL, "--size", "0"], "argument --size: must be in 1.."),
+    ("evaluate", [*EVAL, "--size", "-30"], "argument --size: must be in 1.."),  # scored 3 examples, exit 0
+    ("evaluate", [*EVAL, "--size", "1e3"], "argument --size: expected a whole number"),
+    ("evaluate", [*EVAL, "--max-length", "99999999999999"], "argument --max-length: must be in 1.."),
+    ("evaluate", [*EVAL, "--truncation", "head_tail", "--head-tokens", "32"], "--head-tokens (32) must be below"),
+    ("evaluate", [*EVAL, "--encoding", "utf-9"], "not a known text encoding"),
+    ("evaluate", [*EVAL, "--precision", "fp8"], "invalid choice: 'fp8'"),
+    ("evaluate", [*EVAL, "--output", "{tmp}"], "cannot be written (it is a folder)"),
+    ("evaluate", [*EVAL, "--split", "nope"], "no split 'nope'"),
+    ("evaluate", [*EVAL, "--max-length", "129"], "is past the 128 positions"),
+    ("evaluate", ["--model", "{tmp}/" + LONG, "--data", "{data}"], "cannot load tokenizer"),
+    ("compare", [], "the following arguments are required: --recipe"),
+    ("compare", ["--recipe", "/dev/null", "models=[]"], "'models' is empty"),
+    ("compare", ["--recipe", "/dev/null", "batch_size=0"], "'batch_size' must be >= 1"),
+    ("compare", ["--recipe", "/dev/null", "output_dir={tmp}/a_file/c"], "'output_dir' cannot be created"),
+    ("compare", ["--recipe", "/dev/null", "models=[vader]", "output_dir={out}", "phrases_file={tmp}/" + LONG],
+     "phrases_file does not exist"),
+    ("compare", ["--recipe", "/dev/null", "models=[vader]", "output_dir={out}", "datasets=[{{source: {tmp}/nowhere}}]"],
+     "data.source does not exist"),
+]
+
+
+@pytest.mark.parametrize("launcher, args, expected", LAUNCHER_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(LAUNCHER_CASES)])
+def test_launcher_arguments_fail_with_one_line(tiny_bert, tiny_data, tmp_path, launcher, args, expected):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "no_fingerprint").mkdir()
+    (tmp_path / "no_fingerprint" / "state.json").write_text('{"loop": {"step": 2}}')
+    out = tmp_path / "out"
+    fill = {"model": tiny_bert, "data": tiny_data, "out": out, "tmp": tmp_path}
+    p = run_cli(f"launch/{launcher}.py", *[a.format(**fill) for a in args], timeout=180)
+    assert p.returncode == 2, p.stderr[-3000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], p.stderr[-3000:]
+    assert not (out / "metrics.json").exists() and not (out / "base").exists() and not (out / "report.json").exists()

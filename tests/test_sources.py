@@ -1,9 +1,13 @@
 """Reading splits from every kind of source, label ids and class names, seeded subsets, bad data."""
+import json
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
 
 import tiny
+from conftest import run_cli, tiny_overrides
 from engine.config import DataConfig
 from engine.errors import DataError
 from engine.sources import load_splits, stratified_subset
@@ -178,3 +182,77 @@ def test_class_names_precedence(tmp_path, level, expected):
     s = load_splits(cfg, seed=0, model_names=lambda: named)
     assert s.label_names == expected
     assert set(s.train.labels.tolist()) == {0, 1}
+
+
+def _ints(tmp_path, train, test):
+    tmp_path.mkdir(exist_ok=True)
+    for split, labels in (("train", train), ("test", test)):
+        pd.DataFrame({"text": [f"text {i}" for i in range(len(labels))], "label": labels}).to_csv(
+            tmp_path / f"{split}.csv", index=False)
+    return str(tmp_path)
+
+
+def test_labels_counted_from_one_are_their_own_classes(tmp_path):
+    # Yelp / Amazon polarity CSVs store 1/2: two classes, not a third "0" that never occurs
+    from engine.metrics import classification_metrics
+    s = load_splits(DataConfig(source=_ints(tmp_path, [1, 2, 2, 1], [2, 1])), seed=0,
+                    model_names=lambda: ["negative", "neutral", "positive"])
+    assert s.label_names == ["1", "2"]
+    assert s.train.labels.tolist() == [0, 1, 1, 0] and s.eval.labels.tolist() == [1, 0]
+    perfect = np.eye(2)[s.eval.labels] * 5
+    assert classification_metrics(perfect, s.eval.labels, s.label_names)["f1"] == 1.0
+
+
+def test_stars_one_to_five_and_zero_based_labels_keep_their_ids(tmp_path):
+    s = load_splits(DataConfig(source=_ints(tmp_path / "stars", [1, 3, 5, 2], [4, 5])), seed=0)
+    assert s.label_names == ["1", "2", "3", "4", "5"] and s.eval.labels.tolist() == [3, 4]
+    # 0..K-1 (IMDB, SST-2, TweetEval) as before: ids as stored, LABEL_i names
+    s = load_splits(DataConfig(source=_ints(tmp_path / "zero", [0, 1, 2, 1], [2, 0])), seed=0)
+    assert s.label_names == ["LABEL_0", "LABEL_1", "LABEL_2"] and s.eval.labels.tolist() == [2, 0]
+
+
+def test_numbering_is_decided_over_train_and_eval(tmp_path):
+    # train happens to lack class 0, eval has it: the data counts from 0, and the ids are as stored
+    s = load_splits(DataConfig(source=_ints(tmp_path / "a", [1, 2, 1, 2], [0, 2])), seed=0)
+    assert s.label_names == ["LABEL_0", "LABEL_1", "LABEL_2"] and s.train.labels.tolist() == [1, 2, 1, 2]
+    # an eval label past train's classes is still refused, whichever way they count
+    with pytest.raises(DataError, match=r"test.csv: row 2, column 'label': label 3 is not one of the classes 1, 2"):
+        load_splits(DataConfig(source=_ints(tmp_path / "c", [1, 2, 1, 2], [2, 3])), seed=0)
+    # a test split holding a value no class stands for stops with its row
+    src = _ints(tmp_path / "b", [1, 2, 1, 2], [2, 1])
+    pd.DataFrame({"text": ["x", "y"], "label": [1, 0]}).to_csv(tmp_path / "b" / "extra.csv", index=False)
+    with pytest.raises(DataError, match=r"extra.csv: row 2, column 'label': label 0 is not one of the classes 1, 2"):
+        load_splits(DataConfig(source=src, test_split="extra"), seed=0)
+
+
+@pytest.mark.parametrize("mapping, expected", [
+    ("0 neg\n1 pos\n", "line 1: expected '<class id><tab><name>'"),
+    ("zero\tneg\n1\tpos\n", "line 1: expected"),
+    ("0\tneg\n0\tpos\n", "line 2: class id 0 named twice"),
+    ("0\tneg\n2\tpos\n", "class ids must be 0..K-1"),
+    ("0\t\n1\tpos\n", "line 1: expected"),
+])
+def test_malformed_mapping_file_names_its_line(tmp_path, mapping, expected):
+    source = _mapped_pair(tmp_path / "pair", mapping)
+    with pytest.raises(DataError, match="mapping.txt: " + re.escape(expected)):
+        load_splits(DataConfig(source=source, eval_split="train"), seed=0)
+
+
+def test_labels_from_one_train_a_two_class_head_and_evaluate_reads_them_back(tiny_bert, tiny_data, tmp_path):
+    # a pretrained 2-class head fits 1/2 labels (it was refused: "does not fit the 3 classes"), and
+    # launch/evaluate.py maps the file's 1/2 onto tuned/'s classes "1", "2" by name
+    data = tmp_path / "one_two"
+    data.mkdir()
+    for split in ("train", "test"):
+        frame = pd.read_parquet(f"{tiny_data}/{split}.parquet")
+        frame["label"] += 1
+        frame.to_csv(data / f"{split}.csv", index=False)
+    out = tmp_path / "out"
+    p = run_cli("launch/train.py", "--recipe", "/dev/null", *tiny_overrides(tiny_bert, str(data), out), timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["tuned"]["labels"] == ["1", "2"] and m["data"]["labels"] == ["1", "2"]
+    assert json.loads((out / "tuned" / "config.json").read_text())["id2label"] == {"0": "1", "1": "2"}
+    p = run_cli("launch/evaluate.py", "--model", out / "tuned", "--data", data, "--max-length", "32", timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout)["accuracy"] == m["tuned"]["accuracy"]

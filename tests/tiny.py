@@ -39,6 +39,9 @@ ARCH.update({
                        intermediate_size=64, max_position_embeddings=128, global_attn_every_n_layers=2,
                        local_attention=16),
 })
+# Funnel nests its layers in a list of lists (encoder.blocks[i][j]), one inner list per pooling block
+ARCH["funnel"] = dict(model_type="funnel", block_sizes=[1, 1, 1], d_model=32, n_head=2, d_head=16, d_inner=64,
+                      num_decoder_layers=1, max_position_embeddings=128)
 DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                num_key_value_heads=1, max_position_embeddings=128)
 ARCH.update({
@@ -64,6 +67,7 @@ NO_DROPOUT = {
     "deberta-v2": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pooler_dropout=0.0),
     "modernbert": dict(attention_dropout=0.0, mlp_dropout=0.0, embedding_dropout=0.0, classifier_dropout=0.0),
     "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0),
+    "funnel": dict(hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0),
 }
 
 

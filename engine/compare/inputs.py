@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import sources
+from engine import paths, sources
 from engine.compare.polarity import POLARITIES, map_labels
 from engine.compare.recipe import CompareData, CompareRecipe, Phrase
 from engine.config import DataConfig
@@ -20,7 +20,7 @@ def load_phrases(recipe: CompareRecipe) -> list[Phrase]:
     if not recipe.phrases_file:
         return list(recipe.phrases)
     path = Path(recipe.phrases_file)
-    if not path.exists():
+    if not paths.exists(path):
         raise DataError(f"{path}: phrases_file does not exist")
     if path.suffix.lower() == ".txt":
         lines = sources.decode_file(path, "utf-8").splitlines()

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from engine.compare.polarity import POLARITIES
 from engine.config import DataConfig
 from engine.errors import RecipeError
+from engine.paths import uncreatable
 
 VADER = "vader"  # the VADER lexicon, named in `models` like a model
 SEED_MODELS = ["finiteautomata/bertweet-base-sentiment-analysis", "ProsusAI/finbert",
@@ -49,6 +50,7 @@ class CompareData(DataConfig):
     val_size: int = 200  # 0: no temperature scaling
 
     def check(self, where: str) -> None:
+        super().check(where)
         label = self.name or self.source
         if self.holdout_size and self.eval_split:
             raise RecipeError(f"{where}: dataset '{label}': holdout_size scores the rows held out of "
@@ -82,6 +84,9 @@ class CompareRecipe:
     trust_remote_code: bool = False
 
     def check(self, where: str) -> None:
+        why = uncreatable(self.output_dir)
+        if why:
+            raise RecipeError(f"{where}: 'output_dir' cannot be created ({why})")
         if not self.models:
             raise RecipeError(f"{where}: 'models' is empty; list hub names, folders or vader")
         if len(set(self.models)) != len(self.models):

@@ -190,3 +190,22 @@ def test_decoder_with_activation_checkpointing_matches_one_process(tiny_data, tm
                                *extra))
     assert p.returncode == 0, p.stderr[-3000:]
     assert _losses(dist) == pytest.approx(_losses(ref), abs=1e-5)
+
+
+def test_fsdp_shards_an_architecture_with_lists_of_lists(tiny_data, tmp_path):
+    # Funnel nests its layers in ModuleLists of ModuleLists. Its pooling sees the padding, so one
+    # process's batches of 8 differ from two ranks' batches of 4: DDP on the same batches is the reference
+    import tiny
+    funnel = tiny.make_model(tmp_path / "funnel", "funnel")
+    out = {}
+    for strategy in ("ddp", "fsdp"):
+        out[strategy] = tmp_path / strategy
+        p = run_torchrun(2, *_args(funnel, tiny_data, out[strategy], "train.batch_size=4", "train.max_steps=4",
+                                   f"distributed.strategy={strategy}"))
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert len(_losses(out["ddp"])) == 4 and _losses(out["fsdp"]) == pytest.approx(_losses(out["ddp"]), abs=1e-5)
+    a, b = (load_file(out[s] / "tuned" / "model.safetensors") for s in ("ddp", "fsdp"))
+    assert set(a) == set(b)
+    # a key bias moves no softmax: its gradient is rounding noise, which Adam scales up to lr-sized steps
+    for k in (k for k in a if not k.endswith("k_head.bias")):
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
