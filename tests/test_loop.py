@@ -55,3 +55,73 @@ def test_mixed_precision_trains(tiny_bert, tiny_data, tmp_path, precision):
     report = _train(tiny_bert, tiny_data, tmp_path / precision, f"train.precision={precision}", "train.epochs=4")
     assert report["tuned"]["accuracy"] > report["base"]["accuracy"]
     assert report["train"]["precision"] == precision
+
+
+def _batch(n: int, seed: int) -> dict:
+    """n rows of the tiny vocabulary's word ids between [CLS] and [SEP], and labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 30, (n, 10), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (n,), generator=g)}
+
+
+def _tiny_classifier(tiny_bert):
+    from engine import modeling
+    from engine.config import ModelConfig
+    return modeling.load_model(ModelConfig(name_or_path=tiny_bert), ["neg", "pos"]).train()
+
+
+@pytest.mark.parametrize("name, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                         ("fp16", torch.float16)])
+def test_training_forward_runs_under_the_recipes_autocast(tiny_bert, name, dtype):
+    """train.precision=bf16/fp16: every micro-batch's forward computes in that dtype (autocast works on
+    any CPU, native or emulated), while the weights stay the fp32 master copy."""
+    from engine.config import TrainConfig
+    from engine.distributed import Dist
+    from engine.loop import LoopState, train_step
+    from engine.optim import build_optimizer, build_schedule
+    from engine.precision import Precision
+    model = _tiny_classifier(tiny_bert)
+    seen = []
+    model.classifier.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    cfg = TrainConfig(batch_size=4, grad_accum=2)
+    opt = build_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    train_step(model, opt, build_schedule(opt, cfg, 1), [_batch(4, 0), _batch(4, 1)], params, cfg,
+               Precision(name, torch.device("cpu")), Dist(), LoopState(), torch.zeros(2, dtype=torch.float64))
+    assert seen == [dtype, dtype]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_gradient_sync_only_on_the_last_micro_batch(tiny_bert, strategy):
+    """Accumulation micro-batches skip the gradient all-reduce (DDP's no_sync, FSDP's
+    set_requires_gradient_sync(False)); the last one syncs, once per optimizer step."""
+    import contextlib
+
+    from engine.distributed import Dist
+    from engine.loop import forward_backward
+    from engine.precision import Precision
+
+    class Wrapped(torch.nn.Module):  # the two strategies' switches, as seen from outside
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.sync, self.synced = module, True, []
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.sync = False
+            yield
+            self.sync = True
+
+        def set_requires_gradient_sync(self, sync):
+            self.sync = sync
+
+        def forward(self, **kw):
+            self.synced.append(self.sync)
+            return self.module(**kw)
+
+    model = Wrapped(_tiny_classifier(tiny_bert))
+    forward_backward(model, [_batch(2, s) for s in range(3)], Precision("fp32", torch.device("cpu")),
+                     Dist(strategy=strategy), torch.zeros(2, dtype=torch.float64))
+    assert model.synced == [False, False, True]
