@@ -87,8 +87,10 @@ def test_training_forward_runs_under_the_recipes_autocast(tiny_bert, name, dtype
     cfg = TrainConfig(batch_size=4, grad_accum=2)
     opt = build_optimizer(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
+    prec = Precision(name, torch.device("cpu"))
+    assert (prec.scaler is not None) == (name == "fp16")  # bf16's range needs no loss scaling
     train_step(model, opt, build_schedule(opt, cfg, 1), [_batch(4, 0), _batch(4, 1)], params, cfg,
-               Precision(name, torch.device("cpu")), Dist(), LoopState(), torch.zeros(2, dtype=torch.float64))
+               prec, Dist(), LoopState(), torch.zeros(2, dtype=torch.float64))
     assert seen == [dtype, dtype]
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
@@ -125,3 +127,108 @@ def test_gradient_sync_only_on_the_last_micro_batch(tiny_bert, strategy):
     forward_backward(model, [_batch(2, s) for s in range(3)], Precision("fp32", torch.device("cpu")),
                      Dist(strategy=strategy), torch.zeros(2, dtype=torch.float64))
     assert model.synced == [False, False, True]
+
+
+def test_clipping_brings_the_global_norm_down_to_max_grad_norm():
+    from engine.distributed import Dist
+    from engine.loop import grad_norm_and_clip
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([3.0]), torch.tensor([4.0])
+    assert float(grad_norm_and_clip([a, b], 1.0, Dist())) == pytest.approx(5.0)  # the norm before clipping
+    assert float(torch.cat([a.grad, b.grad]).norm()) == pytest.approx(1.0)
+    assert float(grad_norm_and_clip([a, b], 0.0, Dist())) == pytest.approx(1.0)  # 0: never clipped
+    assert float(torch.cat([a.grad, b.grad]).norm()) == pytest.approx(1.0)
+
+
+def test_fp16_clips_and_reports_the_true_gradient_norm_not_the_scaled_one(tiny_bert):
+    """The loss scaler multiplies gradients by 65536: they must be unscaled before the norm."""
+    from engine.config import TrainConfig
+    from engine.distributed import Dist
+    from engine.loop import LoopState, train_step
+    from engine.optim import build_optimizer, build_schedule
+    from engine.precision import Precision
+    norms = {}
+    for name in ("fp32", "fp16"):
+        model = _tiny_classifier(tiny_bert)
+        cfg = TrainConfig(batch_size=4, max_grad_norm=0.0)
+        opt = build_optimizer(model, cfg)
+        norms[name] = float(train_step(model, opt, build_schedule(opt, cfg, 1), [_batch(4, 0)],
+                                       [p for p in model.parameters() if p.requires_grad], cfg,
+                                       Precision(name, torch.device("cpu")), Dist(), LoopState(),
+                                       torch.zeros(2, dtype=torch.float64)))
+    assert norms["fp16"] == pytest.approx(norms["fp32"], rel=0.05)
+
+
+def test_the_loss_window_sums_losses_and_counts_examples(tiny_bert):
+    import torch.nn.functional as F
+
+    from engine.distributed import Dist
+    from engine.loop import forward_backward
+    from engine.precision import Precision
+    model = _tiny_classifier(tiny_bert)
+    micro = [_batch(2, s) for s in range(3)]
+    window = torch.zeros(2, dtype=torch.float64)
+    forward_backward(model, micro, Precision("fp32", torch.device("cpu")), Dist(), window)
+    with torch.no_grad():
+        want = sum(float(F.cross_entropy(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                         b["labels"], reduction="sum")) for b in micro)
+    assert float(window[1]) == 6 and float(window[0]) == pytest.approx(want, rel=1e-5)
+
+
+class _Tracker:
+    def __init__(self):
+        self.rows = []
+
+    def scalars(self, step, values, prefix=""):
+        self.rows.append((step, {prefix + k: v for k, v in values.items()}))
+
+    def progress(self, steps, **shown):
+        pass
+
+    def message(self, text):
+        pass
+
+
+def _books(cfg, evaluate=lambda: {}, keep_best=lambda state: None):
+    from engine.distributed import Dist
+    from engine.loop import Bookkeeping, Hooks, LoopState
+    return Bookkeeping(LoopState(), cfg, Dist(), Hooks(evaluate=evaluate, keep_best=keep_best), _Tracker(), 0)
+
+
+def test_each_logged_loss_covers_the_steps_since_the_last_log_and_the_last_step_is_logged():
+    from engine.config import TrainConfig
+    books = _books(TrainConfig(log_every=2))
+    losses = {}
+    for step, (loss_sum, n) in enumerate([(4.0, 2), (2.0, 2), (3.0, 3), (3.0, 3), (1.0, 4)], 1):
+        books.window += torch.tensor([loss_sum, n], dtype=torch.float64)
+        books.state.step = step
+        books.after_step(torch.tensor(1.0), 0.1, n_steps=5, at_epoch_end=False)
+    losses = {step: row["train/loss"] for step, row in books.tracker.rows}
+    assert losses == {2: pytest.approx(1.5), 4: pytest.approx(1.0), 5: pytest.approx(0.25)}
+
+
+def test_keep_best_keeps_the_first_of_equal_evals():
+    from engine.config import TrainConfig
+    scores = iter([0.5, 0.7, 0.7, 0.6])
+    kept = []
+    books = _books(TrainConfig(keep_best=True), keep_best=lambda state: kept.append(state.step),
+                   evaluate=lambda: {"accuracy": next(scores), "f1": 0.0, "loss": 0.0, "ece": 0.0})
+    for step in range(1, 5):
+        books.state.step = step
+        books.evaluate()
+    assert kept == [1, 2] and books.state.best["step"] == 2
+
+
+def test_each_epoch_trains_on_a_new_shuffle(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    from engine import loop
+    orders = []
+    real = loop.train_steps
+
+    def spy(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        orders.append(tuple(int(i) for micro in plan for batch in micro for i in batch))
+        return plan
+    monkeypatch.setattr(loop, "train_steps", spy)
+    _train(tiny_bert, tiny_data, tmp_path / "run", "train.batch_size=32", "train.epochs=3")
+    assert len(orders) == 3 and len(set(orders)) == 3  # three epochs, three orders
+    assert len(set(orders[0])) == 192  # each one every example once
