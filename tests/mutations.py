@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -524,6 +525,7 @@ def main() -> int:
     if unknown:
         sys.exit(f"unknown mutant(s): {', '.join(unknown)} (see --list)")
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
+    chosen.sort(key=lambda m: m.tests == "distributed-runs")  # the minutes-long ones last
     if args.list:
         for m in chosen:
             print(f"{m.name:40} engine/{m.file:16} {locate(m, ROOT) or 'ok'}")
@@ -532,6 +534,7 @@ def main() -> int:
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     commit = current_commit()
     t0 = time.perf_counter()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM"))  # still clean the copy up
     copy = scratch_copy()
     results: list[dict] = []
     expanded: dict[str, list[str]] = {}
