@@ -435,18 +435,24 @@ def run_selection(copy: Path, selection: list[str], timeout: float) -> tuple[str
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rfE", "--no-header",
            "-W", "ignore", *selection]
     t = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     try:
-        p = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout,
-                           start_new_session=True)
+        out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # pytest and the training runs it started
+        p.communicate()
         return "timeout", f"no verdict within {timeout:.0f} s", time.perf_counter() - t
+    finally:
+        if p.poll() is None:  # the drill itself was stopped
+            os.killpg(p.pid, signal.SIGKILL)
     seconds = time.perf_counter() - t
     if p.returncode == 0:
         return "survived", "", seconds
-    first = re.search(r"^(?:FAILED|ERROR) (\S+)", p.stdout, re.M)
+    first = re.search(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
     if p.returncode == 1 and first:
         return "caught", first.group(1), seconds
-    tail = " | ".join((p.stdout + p.stderr).strip().splitlines()[-3:])
+    tail = " | ".join((out + err).strip().splitlines()[-3:])
     return "error", f"pytest exit {p.returncode}: {tail[:300]}", seconds
 
 
