@@ -102,3 +102,15 @@ def test_the_fingerprint_sees_the_weights_shapes_and_the_split_sizes(tmp_path):
                 run_fingerprint(recipe, torch.nn.Linear(2, 2), 100, 10, dataclasses.replace(Dist(), world=2))):
         with pytest.raises(CheckpointError, match="written by a different run"):
             check_fingerprint(tmp_path, then, now)
+
+
+def test_overwrite_leaves_nothing_of_the_old_run(tmp_path):
+    from engine.resume import prepare_output_dir
+    (tmp_path / "checkpoints" / "step-5").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-5" / "state.json").write_text("{}")
+    for folder in ("tuned", "adapter", "tb"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "log.jsonl").write_text("{}\n")
+    assert prepare_output_dir(tmp_path, overwrite=True, resume="auto", dist=Dist()) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -89,9 +89,12 @@ def test_training_forward_runs_under_the_recipes_autocast(tiny_bert, name, dtype
     params = [p for p in model.parameters() if p.requires_grad]
     prec = Precision(name, torch.device("cpu"))
     assert (prec.scaler is not None) == (name == "fp16")  # bf16's range needs no loss scaling
+    state = LoopState()
     train_step(model, opt, build_schedule(opt, cfg, 1), [_batch(4, 0), _batch(4, 1)], params, cfg,
-               prec, Dist(), LoopState(), torch.zeros(2, dtype=torch.float64))
+               prec, Dist(), state, torch.zeros(2, dtype=torch.float64))
     assert seen == [dtype, dtype]
+    # one step taken, counted in the run and in the epoch (where a resume starts), gradients cleared
+    assert (state.step, state.step_in_epoch) == (1, 1) and all(p.grad is None for p in params)
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
@@ -232,3 +235,24 @@ def test_each_epoch_trains_on_a_new_shuffle(tiny_bert, tiny_data, tmp_path, monk
     _train(tiny_bert, tiny_data, tmp_path / "run", "train.batch_size=32", "train.epochs=3")
     assert len(orders) == 3 and len(set(orders)) == 3  # three epochs, three orders
     assert len(set(orders[0])) == 192  # each one every example once
+
+
+def test_a_non_finite_gradient_stops_before_the_weights_change(tiny_bert):
+    from engine.config import TrainConfig
+    from engine.distributed import Dist
+    from engine.errors import StopTraining
+    from engine.loop import LoopState, train_step
+    from engine.optim import build_optimizer, build_schedule
+    from engine.precision import Precision
+    model = _tiny_classifier(tiny_bert)
+    with torch.no_grad():
+        model.classifier.bias[0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(batch_size=4)
+    opt = build_optimizer(model, cfg)
+    with pytest.raises(StopTraining, match="step 1: loss or gradients are not finite"):
+        train_step(model, opt, build_schedule(opt, cfg, 1), [_batch(4, 0)],
+                   [p for p in model.parameters() if p.requires_grad], cfg, Precision("fp32", torch.device("cpu")),
+                   Dist(), LoopState(), torch.zeros(2, dtype=torch.float64))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], equal_nan=True, rtol=0, atol=0)

@@ -72,3 +72,12 @@ def test_throughput_counts_the_padding_share():
     t.add(samples=2, real_tokens=6, padded_tokens=8)
     t.add(samples=2, real_tokens=6, padded_tokens=8)
     assert t.summary()["padding_share"] == pytest.approx(0.25) and t.summary()["samples"] == 4
+
+
+def test_confusion_rows_are_true_classes_columns_predictions():
+    # true 0 1 1 1, predicted 0 0 0 1: neg is over-predicted (precision 1/3, recall 1), pos the reverse
+    m = classification_metrics(np.eye(2)[[0, 0, 0, 1]] * 3, np.array([0, 1, 1, 1]), ["neg", "pos"])
+    assert m["confusion"] == [[1, 0], [2, 1]]
+    neg, pos = m["per_class"]["neg"], m["per_class"]["pos"]
+    assert (neg["precision"], neg["recall"], pos["precision"]) == (pytest.approx(1 / 3), 1.0, 1.0)
+    assert pos["recall"] == pytest.approx(1 / 3) and (neg["support"], pos["support"]) == (1, 3)
