@@ -210,7 +210,12 @@ MUTANTS = [
       "warm-up off by one: the first step runs at lr 0 (wasted)"),
     M("optim-warmup-one-step-long", "optim.py",
       "if step < warmup_steps:", "if step <= warmup_steps:",
-      "warm-up off by one: one step too many"),
+      "warm-up off by one: one step too many",
+      equivalent="at step == warmup_steps the warm-up gives (w + 1) / (w + 1) = 1 and the decay "
+                 "(total - w) / (total - w) = 1: the same lr at every step"),
+    M("optim-warmup-peaks-early", "optim.py",
+      "return (step + 1) / (warmup_steps + 1)", "return (step + 1) / warmup_steps",
+      "warm-up off by one: full lr one step early, the warm-up's steps all too high"),
     M("optim-decay-denominator", "optim.py",
       "max(1, total_steps - warmup_steps)", "max(1, total_steps)",
       "the decay ignores warm-up: it starts below lr and never reaches the floor"),
@@ -492,6 +497,9 @@ def merged_with_earlier(results: list[dict]) -> list[dict]:
 
 
 def write_report(results: list[dict], started: str, wall: float, partial: bool) -> None:
+    # whether a mutant is equivalent is a property of the mutant, not of the run: read from the table
+    reasons = {m.name: m.equivalent for m in MUTANTS}
+    results = [{**r, "equivalent": reasons.get(r["name"], r["equivalent"])} for r in results]
     commit = current_commit()
     load = Path("/proc/loadavg").read_text().strip() if Path("/proc/loadavg").exists() else "n/a"
     counted = [r for r in results if r["outcome"] in ("caught", "timeout", "survived")]
