@@ -63,6 +63,8 @@ def test_collate_pads_right_or_left():
     assert b["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
     b = collate(data, np.array([0, 1]), pad_id=0, pad_left=True, multiple_of=1)
     assert b["input_ids"].tolist() == [[5, 6, 7], [0, 0, 9]] and b["labels"].tolist() == [1, 0]
+    # positions count from each row's first real token, as they would without padding
+    assert b["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
     assert collate(data, np.array([1, 0]), pad_id=0)["labels"].tolist() == [0, 1]  # each row its own label
 
 
