@@ -114,3 +114,16 @@ def test_overwrite_leaves_nothing_of_the_old_run(tmp_path):
     (tmp_path / "log.jsonl").write_text("{}\n")
     assert prepare_output_dir(tmp_path, overwrite=True, resume="auto", dist=Dist()) is None
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_finished_or_unfinished_run_is_not_started_over_by_accident(tmp_path):
+    from engine.errors import OutputDirError
+    from engine.resume import prepare_output_dir
+    (tmp_path / "checkpoints" / "step-5").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-5" / "state.json").write_text("{}")
+    with pytest.raises(OutputDirError, match="holds checkpoints of an unfinished run"):
+        prepare_output_dir(tmp_path, overwrite=False, resume=None, dist=Dist())
+    assert prepare_output_dir(tmp_path, overwrite=False, resume="auto", dist=Dist()).name == "step-5"
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(OutputDirError, match="holds a finished run"):
+        prepare_output_dir(tmp_path, overwrite=False, resume="auto", dist=Dist())
