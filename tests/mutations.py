@@ -42,6 +42,7 @@ SELECTIONS = {
              "tests/test_loop.py::test_gradient_sync_only_on_the_last_micro_batch",
              "tests/test_loop.py::test_clipping_brings_the_global_norm_down_to_max_grad_norm",
              "tests/test_loop.py::test_a_non_finite_gradient_stops_before_the_weights_change",
+             "tests/test_loop.py::test_fp16_counts_exactly_the_steps_its_scaler_skipped",
              "tests/test_loop.py::test_the_loss_window_sums_losses_and_counts_examples",
              "tests/test_loop.py::test_each_logged_loss_covers_the_steps_since_the_last_log_and_the_last_step_is_logged",
              "tests/test_loop.py::test_keep_best_keeps_the_first_of_equal_evals",

@@ -256,3 +256,22 @@ def test_a_non_finite_gradient_stops_before_the_weights_change(tiny_bert):
                    Dist(), LoopState(), torch.zeros(2, dtype=torch.float64))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], equal_nan=True, rtol=0, atol=0)
+
+
+def test_fp16_counts_exactly_the_steps_its_scaler_skipped(tiny_bert):
+    from engine.config import TrainConfig
+    from engine.distributed import Dist
+    from engine.loop import LoopState, train_step
+    from engine.optim import build_optimizer, build_schedule
+    from engine.precision import Precision
+    model = _tiny_classifier(tiny_bert)
+    overflow = [False, False, True]  # popped from the end: the first of 3 steps overflows, as fp16 does at times
+    model.classifier.weight.register_hook(lambda g: g * float("inf") if overflow.pop() else g)
+    cfg = TrainConfig(batch_size=4)
+    opt = build_optimizer(model, cfg)
+    sched, prec, state = build_schedule(opt, cfg, 3), Precision("fp16", torch.device("cpu")), LoopState()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for s in range(3):
+        train_step(model, opt, sched, [_batch(4, s)], params, cfg, prec, Dist(), state,
+                   torch.zeros(2, dtype=torch.float64))
+    assert (state.step, state.skipped_steps) == (3, 1)
