@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 
 import tiny
 from conftest import faults, run_cli, run_torchrun, tiny_overrides
-from engine import adapters, loop
+from engine import adapters, loop, modeling
 from engine.config import load_recipe
 from engine.distributed import Dist
-from engine.errors import RecipeError
+from engine.errors import AdapterError, RecipeError
 from engine.finetune import finetune
 
 # GPT-2: its attention is a transformers Conv1D (weight stored transposed), 4-bit as a Linear4bit
@@ -304,3 +304,20 @@ def test_killed_then_resumed_is_bit_identical(method, wide, data, tmp_path):
     for f in ("adapter/adapter_model.safetensors", "tuned/model.safetensors"):
         a, b = load_file(ref / f), load_file(out / f)
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_the_recipes_lora_settings_reach_peft(tiny_bert, tmp_path):
+    import dataclasses
+
+    from engine.adapters import check_targets, lora_config
+    recipe = load_recipe(None, [f"model.name_or_path={tiny_bert}", "data.source=d", f"output_dir={tmp_path}",
+                                "peft.method=lora", "peft.r=4", "peft.alpha=8", "peft.dropout=0.25"])
+    model = modeling.load_model(recipe.model, ["neg", "pos"])
+    cfg = lora_config(model, recipe)
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 8, 0.25)
+    assert list(cfg.modules_to_save) == ["classifier"] and list(cfg.exclude_modules) == ["classifier"]
+    # a target names a whole layer name or its last parts, never a piece of a word
+    for partial in (["uery"], ["attention.self.query", "alue"]):
+        bad = dataclasses.replace(recipe, peft=dataclasses.replace(recipe.peft, target_modules=partial))
+        with pytest.raises(AdapterError, match=f"'{partial[-1]}' matches no layer"):
+            check_targets(model, bad)

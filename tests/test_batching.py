@@ -42,6 +42,14 @@ def test_length_grouping_cuts_padding():
     assert padding(True) < 0.1 < padding(False)
 
 
+def test_length_grouped_steps_come_in_shuffled_order():
+    # grouped by length, but not longest first: the order of lengths over an epoch stays random
+    lengths = _lengths(2000)
+    plan = train_steps(lengths, 16, 1, epoch=0, seed=0)
+    longest = [int(lengths[m[0]].max()) for m in plan[:64]]
+    assert longest != sorted(longest, reverse=True) and longest != sorted(longest)
+
+
 def test_eval_batches_cover_every_example_once_across_ranks():
     lengths = _lengths(101)
     got = np.concatenate([np.concatenate(eval_batches(lengths, 8, world=3, rank=r)) for r in range(3)])
@@ -55,6 +63,9 @@ def test_collate_pads_right_or_left():
     assert b["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
     b = collate(data, np.array([0, 1]), pad_id=0, pad_left=True, multiple_of=1)
     assert b["input_ids"].tolist() == [[5, 6, 7], [0, 0, 9]] and b["labels"].tolist() == [1, 0]
+    # positions count from each row's first real token, as they would without padding
+    assert b["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert collate(data, np.array([1, 0]), pad_id=0)["labels"].tolist() == [0, 1]  # each row its own label
 
 
 def test_tokenize_is_cached(tmp_path):

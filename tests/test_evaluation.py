@@ -90,3 +90,13 @@ def test_a_stored_score_from_an_older_format_is_scored_again(tmp_path):
     stored.write_text(json.dumps(old))
     rescored, reused = evaluation.cached_score(key, score, dist, tmp_path)
     assert (calls, reused, rescored["accuracy_se"]) == ([1, 1], False, 0.1)
+
+
+def test_the_eval_set_digest_sees_token_ids_and_labels():
+    """A stored base score is reused only for the very same examples and labels."""
+    data = _data()
+    digest = evaluation.eval_set_digest(data)
+    relabelled = Tokenized(data.ids, 1 - data.labels)
+    retokenized = Tokenized([data.ids[0][:-1]] + data.ids[1:], data.labels)
+    assert len({digest, evaluation.eval_set_digest(relabelled), evaluation.eval_set_digest(retokenized)}) == 3
+    assert evaluation.eval_set_digest(_data()) == digest

@@ -55,3 +55,223 @@ def test_mixed_precision_trains(tiny_bert, tiny_data, tmp_path, precision):
     report = _train(tiny_bert, tiny_data, tmp_path / precision, f"train.precision={precision}", "train.epochs=4")
     assert report["tuned"]["accuracy"] > report["base"]["accuracy"]
     assert report["train"]["precision"] == precision
+
+
+def _batch(n: int, seed: int) -> dict:
+    """n rows of the tiny vocabulary's word ids between [CLS] and [SEP], and labels."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 30, (n, 10), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (n,), generator=g)}
+
+
+def _tiny_classifier(tiny_bert):
+    from engine import modeling
+    from engine.config import ModelConfig
+    return modeling.load_model(ModelConfig(name_or_path=tiny_bert), ["neg", "pos"]).train()
+
+
+@pytest.mark.parametrize("name, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                         ("fp16", torch.float16)])
+def test_training_forward_runs_under_the_recipes_autocast(tiny_bert, name, dtype):
+    """train.precision=bf16/fp16: every micro-batch's forward computes in that dtype (autocast works on
+    any CPU, native or emulated), while the weights stay the fp32 master copy."""
+    from engine.config import TrainConfig
+    from engine.distributed import Dist
+    from engine.loop import LoopState, train_step
+    from engine.optim import build_optimizer, build_schedule
+    from engine.precision import Precision
+    model = _tiny_classifier(tiny_bert)
+    seen = []
+    model.classifier.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    cfg = TrainConfig(batch_size=4, grad_accum=2)
+    opt = build_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    prec = Precision(name, torch.device("cpu"))
+    assert (prec.scaler is not None) == (name == "fp16")  # bf16's range needs no loss scaling
+    state = LoopState()
+    train_step(model, opt, build_schedule(opt, cfg, 1), [_batch(4, 0), _batch(4, 1)], params, cfg,
+               prec, Dist(), state, torch.zeros(2, dtype=torch.float64))
+    assert seen == [dtype, dtype]
+    # one step taken, counted in the run and in the epoch (where a resume starts), gradients cleared
+    assert (state.step, state.step_in_epoch) == (1, 1) and all(p.grad is None for p in params)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_gradient_sync_only_on_the_last_micro_batch(tiny_bert, strategy):
+    """Accumulation micro-batches skip the gradient all-reduce (DDP's no_sync, FSDP's
+    set_requires_gradient_sync(False)); the last one syncs, once per optimizer step."""
+    import contextlib
+
+    from engine.distributed import Dist
+    from engine.loop import forward_backward
+    from engine.precision import Precision
+
+    class Wrapped(torch.nn.Module):  # the two strategies' switches, as seen from outside
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.sync, self.synced = module, True, []
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.sync = False
+            yield
+            self.sync = True
+
+        def set_requires_gradient_sync(self, sync):
+            self.sync = sync
+
+        def forward(self, **kw):
+            self.synced.append(self.sync)
+            return self.module(**kw)
+
+    model = Wrapped(_tiny_classifier(tiny_bert))
+    forward_backward(model, [_batch(2, s) for s in range(3)], Precision("fp32", torch.device("cpu")),
+                     Dist(strategy=strategy), torch.zeros(2, dtype=torch.float64))
+    assert model.synced == [False, False, True]
+
+
+def test_clipping_brings_the_global_norm_down_to_max_grad_norm():
+    from engine.distributed import Dist
+    from engine.loop import grad_norm_and_clip
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    a.grad, b.grad = torch.tensor([3.0]), torch.tensor([4.0])
+    assert float(grad_norm_and_clip([a, b], 1.0, Dist())) == pytest.approx(5.0)  # the norm before clipping
+    assert float(torch.cat([a.grad, b.grad]).norm()) == pytest.approx(1.0)
+    assert float(grad_norm_and_clip([a, b], 0.0, Dist())) == pytest.approx(1.0)  # 0: never clipped
+    assert float(torch.cat([a.grad, b.grad]).norm()) == pytest.approx(1.0)
+
+
+def test_fp16_clips_and_reports_the_true_gradient_norm_not_the_scaled_one(tiny_bert):
+    """The loss scaler multiplies gradients by 65536: they must be unscaled before the norm."""
+    from engine.config import TrainConfig
+    from engine.distributed import Dist
+    from engine.loop import LoopState, train_step
+    from engine.optim import build_optimizer, build_schedule
+    from engine.precision import Precision
+    norms = {}
+    for name in ("fp32", "fp16"):
+        model = _tiny_classifier(tiny_bert)
+        cfg = TrainConfig(batch_size=4, max_grad_norm=0.0)
+        opt = build_optimizer(model, cfg)
+        norms[name] = float(train_step(model, opt, build_schedule(opt, cfg, 1), [_batch(4, 0)],
+                                       [p for p in model.parameters() if p.requires_grad], cfg,
+                                       Precision(name, torch.device("cpu")), Dist(), LoopState(),
+                                       torch.zeros(2, dtype=torch.float64)))
+    assert norms["fp16"] == pytest.approx(norms["fp32"], rel=0.05)
+
+
+def test_the_loss_window_sums_losses_and_counts_examples(tiny_bert):
+    import torch.nn.functional as F
+
+    from engine.distributed import Dist
+    from engine.loop import forward_backward
+    from engine.precision import Precision
+    model = _tiny_classifier(tiny_bert)
+    micro = [_batch(2, s) for s in range(3)]
+    window = torch.zeros(2, dtype=torch.float64)
+    forward_backward(model, micro, Precision("fp32", torch.device("cpu")), Dist(), window)
+    with torch.no_grad():
+        want = sum(float(F.cross_entropy(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                         b["labels"], reduction="sum")) for b in micro)
+    assert float(window[1]) == 6 and float(window[0]) == pytest.approx(want, rel=1e-5)
+
+
+class _Tracker:
+    def __init__(self):
+        self.rows = []
+
+    def scalars(self, step, values, prefix=""):
+        self.rows.append((step, {prefix + k: v for k, v in values.items()}))
+
+    def progress(self, steps, **shown):
+        pass
+
+    def message(self, text):
+        pass
+
+
+def _books(cfg, evaluate=lambda: {}, keep_best=lambda state: None):
+    from engine.distributed import Dist
+    from engine.loop import Bookkeeping, Hooks, LoopState
+    return Bookkeeping(LoopState(), cfg, Dist(), Hooks(evaluate=evaluate, keep_best=keep_best), _Tracker(), 0)
+
+
+def test_each_logged_loss_covers_the_steps_since_the_last_log_and_the_last_step_is_logged():
+    from engine.config import TrainConfig
+    books = _books(TrainConfig(log_every=2))
+    losses = {}
+    for step, (loss_sum, n) in enumerate([(4.0, 2), (2.0, 2), (3.0, 3), (3.0, 3), (1.0, 4)], 1):
+        books.window += torch.tensor([loss_sum, n], dtype=torch.float64)
+        books.state.step = step
+        books.after_step(torch.tensor(1.0), 0.1, n_steps=5, at_epoch_end=False)
+    losses = {step: row["train/loss"] for step, row in books.tracker.rows}
+    assert losses == {2: pytest.approx(1.5), 4: pytest.approx(1.0), 5: pytest.approx(0.25)}
+
+
+def test_keep_best_keeps_the_first_of_equal_evals():
+    from engine.config import TrainConfig
+    scores = iter([0.5, 0.7, 0.7, 0.6])
+    kept = []
+    books = _books(TrainConfig(keep_best=True), keep_best=lambda state: kept.append(state.step),
+                   evaluate=lambda: {"accuracy": next(scores), "f1": 0.0, "loss": 0.0, "ece": 0.0})
+    for step in range(1, 5):
+        books.state.step = step
+        books.evaluate()
+    assert kept == [1, 2] and books.state.best["step"] == 2
+
+
+def test_each_epoch_trains_on_a_new_shuffle(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    from engine import loop
+    orders = []
+    real = loop.train_steps
+
+    def spy(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        orders.append(tuple(int(i) for micro in plan for batch in micro for i in batch))
+        return plan
+    monkeypatch.setattr(loop, "train_steps", spy)
+    _train(tiny_bert, tiny_data, tmp_path / "run", "train.batch_size=32", "train.epochs=3")
+    assert len(orders) == 3 and len(set(orders)) == 3  # three epochs, three orders
+    assert len(set(orders[0])) == 192  # each one every example once
+
+
+def test_a_non_finite_gradient_stops_before_the_weights_change(tiny_bert):
+    from engine.config import TrainConfig
+    from engine.distributed import Dist
+    from engine.errors import StopTraining
+    from engine.loop import LoopState, train_step
+    from engine.optim import build_optimizer, build_schedule
+    from engine.precision import Precision
+    model = _tiny_classifier(tiny_bert)
+    with torch.no_grad():
+        model.classifier.bias[0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(batch_size=4)
+    opt = build_optimizer(model, cfg)
+    with pytest.raises(StopTraining, match="step 1: loss or gradients are not finite"):
+        train_step(model, opt, build_schedule(opt, cfg, 1), [_batch(4, 0)],
+                   [p for p in model.parameters() if p.requires_grad], cfg, Precision("fp32", torch.device("cpu")),
+                   Dist(), LoopState(), torch.zeros(2, dtype=torch.float64))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], equal_nan=True, rtol=0, atol=0)
+
+
+def test_fp16_counts_exactly_the_steps_its_scaler_skipped(tiny_bert):
+    from engine.config import TrainConfig
+    from engine.distributed import Dist
+    from engine.loop import LoopState, train_step
+    from engine.optim import build_optimizer, build_schedule
+    from engine.precision import Precision
+    model = _tiny_classifier(tiny_bert)
+    overflow = [False, False, True]  # popped from the end: the first of 3 steps overflows, as fp16 does at times
+    model.classifier.weight.register_hook(lambda g: g * float("inf") if overflow.pop() else g)
+    cfg = TrainConfig(batch_size=4)
+    opt = build_optimizer(model, cfg)
+    sched, prec, state = build_schedule(opt, cfg, 3), Precision("fp16", torch.device("cpu")), LoopState()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for s in range(3):
+        train_step(model, opt, sched, [_batch(4, s)], params, cfg, prec, Dist(), state,
+                   torch.zeros(2, dtype=torch.float64))
+    assert (state.step, state.skipped_steps) == (3, 1)

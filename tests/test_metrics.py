@@ -51,3 +51,33 @@ def test_standard_error_of_an_accuracy():
     m = classification_metrics(np.eye(2)[[0, 1, 0, 1, 1]], np.array([0, 0, 0, 1, 0]), ["neg", "pos"])
     assert m["accuracy"] == pytest.approx(3 / 5)
     assert m["accuracy_se"] == pytest.approx(np.sqrt(0.6 * 0.4 / 5))
+
+
+def test_a_confidence_on_a_bin_edge_falls_in_the_bin_below():
+    # bins are (lo, hi]: 0.5 is in (0.4, 0.5] alone (right, 0.5 off), 0.55 in (0.5, 0.6] (wrong, 0.55 off)
+    probs = np.array([[0.5, 0.5], [0.55, 0.45]])
+    assert expected_calibration_error(probs, np.array([0, 1])) == pytest.approx(0.5 * 0.5 + 0.5 * 0.55)
+
+
+def test_huge_logits_give_finite_probabilities_and_loss():
+    m = classification_metrics(np.array([[1000.0, 0.0], [0.0, 1000.0]]), np.array([0, 0]), ["neg", "pos"])
+    # the wrong one is sure and wrong: its probability is clipped at 1e-12
+    assert m["accuracy"] == 0.5 and m["loss"] == pytest.approx(-np.log(1e-12) / 2)
+    assert m["ece"] == pytest.approx(0.5)
+
+
+def test_throughput_counts_the_padding_share():
+    from engine.metrics import Throughput
+    t = Throughput()
+    t.add(samples=2, real_tokens=6, padded_tokens=8)
+    t.add(samples=2, real_tokens=6, padded_tokens=8)
+    assert t.summary()["padding_share"] == pytest.approx(0.25) and t.summary()["samples"] == 4
+
+
+def test_confusion_rows_are_true_classes_columns_predictions():
+    # true 0 1 1 1, predicted 0 0 0 1: neg is over-predicted (precision 1/3, recall 1), pos the reverse
+    m = classification_metrics(np.eye(2)[[0, 0, 0, 1]] * 3, np.array([0, 1, 1, 1]), ["neg", "pos"])
+    assert m["confusion"] == [[1, 0], [2, 1]]
+    neg, pos = m["per_class"]["neg"], m["per_class"]["pos"]
+    assert (neg["precision"], neg["recall"], pos["precision"]) == (pytest.approx(1 / 3), 1.0, 1.0)
+    assert pos["recall"] == pytest.approx(1 / 3) and (neg["support"], pos["support"]) == (1, 3)

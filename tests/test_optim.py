@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import tiny_overrides
 from engine.config import TrainConfig, load_recipe
@@ -89,3 +90,22 @@ def test_bad_schedule_keys_stop_with_one_line(tiny_bert, tiny_data, tmp_path, ov
     with pytest.raises(RecipeError) as e:
         load_recipe(None, tiny_overrides(tiny_bert, tiny_data, tmp_path) + [override])
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_each_step_runs_with_the_scheduled_lr(tiny_bert, tiny_data, tmp_path):
+    """The lr the optimizer applies at each step, and the one log.jsonl reports, follow the warm-up
+    then the decay: a scheduler that is never stepped (or stepped twice) trains at the wrong lr."""
+    applied = []
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: applied.append(opt.param_groups[0]["lr"]))
+    out = tmp_path / "run"
+    try:
+        finetune(load_recipe(None, tiny_overrides(tiny_bert, tiny_data, out) + [
+            "train.max_steps=8", "train.log_every=1", "train.warmup_ratio=0.25", "train.schedule=linear"]))
+    finally:
+        hook.remove()
+    warmup, total = 2, 8
+    want = [3e-3 * ((s + 1) / (warmup + 1) if s < warmup else (total - s) / (total - warmup)) for s in range(total)]
+    assert applied == pytest.approx(want)
+    logged = [r["train/lr"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "train/lr" in r]
+    assert logged == pytest.approx(want[1:] + [0.0])  # logged after step s: the lr step s + 1 runs with
