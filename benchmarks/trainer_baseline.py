@@ -116,8 +116,8 @@ def blog_trainer(s: dict, splits, kwargs: dict, clock: StepClock, tally: Tally) 
     label_names = splits.label_names
     model_path = resolve(s["model"])
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train = Dataset.from_dict({"text": splits.train.texts, "label": splits.train.labels.tolist()})
-    test = Dataset.from_dict({"text": splits.eval.texts, "label": splits.eval.labels.tolist()})
+    train = Dataset.from_dict({"text": list(splits.train.texts), "label": splits.train.labels.tolist()})
+    test = Dataset.from_dict({"text": list(splits.eval.texts), "label": splits.eval.labels.tolist()})
 
     def preprocess_function(examples):
         return tokenizer(examples["text"], truncation=True, max_length=s["max_length"])
