@@ -235,9 +235,11 @@ def _fast_encoder(tokenizer, max_length: int | None):
         fast.no_truncation()
     else:
         fast.enable_truncation(max_length, stride=0, strategy="longest_first", direction=tokenizer.truncation_side)
+    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets nobody here reads
+    batch_encode = getattr(fast, "encode_batch_fast", fast.encode_batch)
 
     def encode(texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in fast.encode_batch(texts, add_special_tokens=max_length is not None)]
+        return [e.ids for e in batch_encode(texts, add_special_tokens=max_length is not None)]
 
     # the transformers call is the reference: a tokenizer whose call does more than its backend
     # (a chat or marked-text path) is tokenized through that call
