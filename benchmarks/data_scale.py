@@ -220,6 +220,7 @@ def main() -> int:
     parser.add_argument("--plan", nargs="*", help="explicit rows, e.g. 25000:1 25000:ref 1000000:2")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "data_scale"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_scale"))
+    parser.add_argument("--append", action="store_true", help="add the rows to the results already in --out")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -227,6 +228,9 @@ def main() -> int:
         (str(n), k) for n in args.sizes
         for k in [*map(str, args.procs), *(["ref"] if n <= args.reference_up_to else [])]]
     results = {"machine": machine(), "loadavg_before": loadavg(), "rows": []}
+    if args.append and (Path(args.out) / "results.json").exists():
+        results = json.loads((Path(args.out) / "results.json").read_text())
+        results.setdefault("appended", []).append({"machine": machine(), "loadavg_before": loadavg()})
     for n, kind in plan:
         n = int(n)
         csv, text_mb = make_corpus(n, work)
