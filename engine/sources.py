@@ -67,6 +67,7 @@ class _ColumnFile:
     def __init__(self):
         folder = paths.user_cache_dir() / "sources"
         folder.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(folder)
         fd, self.path = tempfile.mkstemp(prefix=f"{os.getpid()}.", suffix=".arrow", dir=folder)
         os.close(fd)
         self._sink = None
@@ -106,6 +107,14 @@ class _ColumnFile:
             for j, v in zip(run, self._cached[1].take(local).to_pylist(), strict=True):
                 out[j] = v
         return out
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Column files of processes that were killed before they unlinked theirs (`<pid>.*.arrow`)."""
+    for file in folder.glob("*.arrow"):
+        pid = file.name.split(".", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            file.unlink(missing_ok=True)
 
 
 class Column(Sequence):

@@ -166,3 +166,15 @@ def test_sources_are_read_in_chunks_and_kept_on_disk(tmp_path, monkeypatch):
     assert list(s.train.texts) == [f"review {i}" for i in picked]  # the subset's order, across batches
     assert s.train.texts[59] == f"review {picked[59]}" and s.train.rows.tolist() == (picked + 1).tolist()
     assert not list((tmp_path / "cache").rglob("*.arrow"))  # nothing left on disk by the readers
+
+
+def test_a_killed_readers_column_file_is_removed_by_the_next(tmp_path):
+    folder = tmp_path / "cache" / "sentiment-engine" / "sources"  # conftest points XDG_CACHE_HOME here
+    folder.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = folder / f"{dead.stdout.strip()}.abc.arrow"
+    orphan.write_bytes(b"x" * 100)
+    mine = folder / f"{os.getpid()}.abc.arrow"  # a live process's file stays
+    mine.write_bytes(b"x")
+    sources._ColumnFile().close()
+    assert not orphan.exists() and mine.exists()
