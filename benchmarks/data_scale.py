@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -125,16 +126,23 @@ def run_training(csv: Path, procs: int, work: Path) -> dict:
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = TreePeak(proc.pid)
-    first_step, tail = None, []
-    for line in proc.stdout:
-        tail = (tail + [line.rstrip()])[-20:]
-        if first_step is None and line.startswith("step 1/"):
-            first_step = time.time() - start
+    first_step, tail, stopped = None, [], False
+    try:
+        for line in proc.stdout:
+            tail = (tail + [line.rstrip()])[-20:]
+            if first_step is None and line.startswith("step 1/"):
+                first_step = time.time() - start
+    except KeyboardInterrupt:  # stopped from outside (SIGTERM): keep what was measured so far
+        stopped = True
+        written = sum(f.stat().st_size for f in (out / "cache").rglob("*.ids*"))
+        proc.terminate()
     rc = proc.wait()
     peak.stop()
     row = {"procs": procs, "rc": rc, "wall_s": round(time.time() - start, 1),
            "first_step_s": None if first_step is None else round(first_step, 1),
            "peak_rss_tree_mb": round(peak.rss / 2**20), "peak_pss_tree_mb": round(peak.pss / 2**20)}
+    if stopped:  # how far tokenization had got: token-store bytes written (uint16 ids)
+        row.update(stopped=True, token_store_bytes_written=written)
     metrics = out / "run" / "metrics.json"
     if rc == 0 and metrics.exists():
         m = json.loads(metrics.read_text())
@@ -204,7 +212,9 @@ def write(results: dict, folder: Path) -> None:
                 else f"engine, {r['procs']} process{'es' if r['procs'] > 1 else ''}")
         cells = [f"{r['n']:,}", f"{r['text_mb']:.0f}", what, _num(seconds, ".0f"),
                  _num(seconds and r["text_mb"] / seconds, ".2f"), _num(r.get("first_step_s"), ".0f"),
-                 f"{r['peak_rss_tree_mb']:,}", f"{r['peak_pss_tree_mb']:,}", str(r["rc"])]
+                 f"{r['peak_rss_tree_mb']:,}", f"{r['peak_pss_tree_mb']:,}",
+                 f"stopped after {r['token_store_bytes_written'] / 1e6:.0f} MB of token ids" if r.get("stopped")
+                 else str(r["rc"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "MB/s: MB of raw review text (without the unique suffixes) per second; the engine's tokenize "
               "seconds cover the train split and the 64 held-out reviews (scored before and after training, "
@@ -213,6 +223,7 @@ def write(results: dict, folder: Path) -> None:
 
 
 def main() -> int:
+    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[25_000, 200_000, 1_000_000])
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
