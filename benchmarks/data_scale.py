@@ -199,20 +199,22 @@ def write(results: dict, folder: Path) -> None:
     m = results["machine"]
     lines = ["# Data scale: N reviews, all-MiniLM-L6-v2, 256 tokens head_tail, 3 training steps", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gb']} GiB; flags {' '.join(m['flags'])}; "
-             f"commit {m['commit']}{' (dirty)' if m['dirty'] else ''}.",
+             f"commit {m['commit']}{' (dirty)' if m['dirty'] else ''}"
+             + "".join(f"; rows appended at commit {a['machine']['commit']}" for a in results.get("appended", []))
+             + ".",
              f"Load average before: `{results['loadavg_before']}`; after: `{results.get('loadavg_after', '-')}`. "
              "The machine was shared with other engineers' jobs while this ran: the seconds are disturbed "
              "(inflated); the memory figures are not.", "",
              "| reviews | text MB | run | tokenize s | MB/s | first step s | peak tree RSS MB | peak tree PSS MB "
-             "| rc |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| load after | rc |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:
         seconds = r.get("map_s") if r["kind"] == "reference" else (r.get("time_parts") or {}).get("tokenize")
         what = ("datasets.map(batched=True)" if r["kind"] == "reference"
                 else f"engine, {r['procs']} process{'es' if r['procs'] > 1 else ''}")
         cells = [f"{r['n']:,}", f"{r['text_mb']:.0f}", what, _num(seconds, ".0f"),
                  _num(seconds and r["text_mb"] / seconds, ".2f"), _num(r.get("first_step_s"), ".0f"),
-                 f"{r['peak_rss_tree_mb']:,}", f"{r['peak_pss_tree_mb']:,}",
+                 f"{r['peak_rss_tree_mb']:,}", f"{r['peak_pss_tree_mb']:,}", r["loadavg"].split()[0],
                  f"stopped after {r['token_store_bytes_written'] / 1e6:.0f} MB of token ids" if r.get("stopped")
                  else str(r["rc"])]
         lines.append("| " + " | ".join(cells) + " |")
