@@ -181,7 +181,7 @@ def tokenized_datasets(s: dict, splits, ids: dict | None, tokenizer) -> dict:
         if ids is not None:
             out[part] = Dataset.from_dict({"input_ids": ids[part], "label": examples.labels.tolist()})
             continue
-        ds = Dataset.from_dict({"text": examples.texts, "label": examples.labels.tolist()})
+        ds = Dataset.from_dict({"text": list(examples.texts), "label": examples.labels.tolist()})
 
         def preprocess_function(examples):
             return tokenizer(examples["text"], truncation=True, max_length=s["max_length"])

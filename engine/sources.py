@@ -6,30 +6,45 @@ Sources, by what `data.source` names:
     or `<split>_text.txt` + `<split>_labels.txt` (TweetEval);
   - a single file (it is the train split; carve an eval set with `data.holdout_size`).
 Every problem with the data stops with a DataError naming the file, the row and the column.
+A split with an `input_ids` column (lists of token ids) and no text column is pre-tokenized: its
+ids go to the token store as they are (engine/batching.py).
+Sources are read in chunks (pandas' chunked readers, pyarrow's record batches) and each split's
+texts are written to an Arrow file on disk: memory holds labels and row numbers, not the text.
 engine/batching.py turns the examples into token ids and batches.
 """
 from __future__ import annotations
 
-import io
-from collections.abc import Callable
+import codecs
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
+from engine import paths
 from engine.config import DataConfig
 from engine.errors import DataError, MissingPackageError
 from engine.paths import exists, is_local, resolve
 
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl")
+# a source is parsed CHUNK_ROWS rows at a time (about 25 MB of reviews) and its texts are kept on
+# disk in record batches of BATCH_ROWS: what is resident while reading is one chunk, not the file
+CHUNK_ROWS = 20_000
+BATCH_ROWS = 2_048
+PRETOKENIZED_COLUMN = "input_ids"
 
 
 @dataclass
 class Examples:
-    texts: list[str]
+    texts: Sequence  # str per example (a list, or a Column read from disk); token-id lists if pretokenized
     labels: np.ndarray  # int64 class ids
     origin: str  # where they came from, for messages and metrics
+    rows: np.ndarray | None = None  # 1-based source rows, for messages about an example
+    pretokenized: bool = False  # the source gave token ids (an `input_ids` column), not text
 
 
 @dataclass
@@ -38,6 +53,120 @@ class Splits:
     eval: Examples
     label_names: list[str]
     test: Examples | None = None  # data.test_split: scored once at the end
+
+
+# --------------------------------------------------------------------------------------------
+# A split's column on disk
+
+
+class _ColumnFile:
+    """One column of a split in an Arrow IPC file, written a chunk at a time and read back a
+    record batch at a time through plain reads (no memory map: the text read stays out of the
+    process's resident memory). The file is unlinked once open, so nothing outlives the process."""
+
+    def __init__(self):
+        folder = paths.user_cache_dir() / "sources"
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(folder)
+        fd, self.path = tempfile.mkstemp(prefix=f"{os.getpid()}.", suffix=".arrow", dir=folder)
+        os.close(fd)
+        self._sink = None
+        self._starts = [0]
+        self._cached: tuple[int, pa.Array] | None = None
+
+    def append(self, values: pa.Array) -> None:
+        for start in range(0, len(values), BATCH_ROWS):
+            batch = pa.record_batch([values.slice(start, BATCH_ROWS)], names=["v"])
+            if self._sink is None:
+                self._sink = pa.ipc.new_file(self.path, batch.schema)
+            self._sink.write_batch(batch)
+            self._starts.append(self._starts[-1] + len(batch))
+
+    def close(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+            self._reader = pa.ipc.open_file(pa.OSFile(self.path))
+        os.unlink(self.path)
+        self._starts = np.asarray(self._starts, dtype=np.int64)
+
+    def __len__(self):
+        return int(self._starts[-1])
+
+    def values(self, idx: np.ndarray) -> list:
+        """The values at positions `idx`, in that order (a run of sorted positions reads each batch once)."""
+        out = [None] * len(idx)
+        batch_of = np.searchsorted(self._starts, idx, side="right") - 1
+        cuts = np.flatnonzero(np.diff(batch_of)) + 1
+        for run in np.split(np.arange(len(idx)), cuts):
+            if not len(run):
+                continue
+            b = int(batch_of[run[0]])
+            if self._cached is None or self._cached[0] != b:
+                self._cached = (b, self._reader.get_batch(b).column(0))
+            local = pa.array(idx[run] - self._starts[b])
+            for j, v in zip(run, self._cached[1].take(local).to_pylist(), strict=True):
+                out[j] = v
+        return out
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Column files of processes that were killed before they unlinked theirs (`<pid>.*.arrow`)."""
+    for file in folder.glob("*.arrow"):
+        pid = file.name.split(".", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            file.unlink(missing_ok=True)
+
+
+class Column(Sequence):
+    """A split's texts (or token-id lists) kept on disk: `index` picks and orders the rows, so a
+    subset is an index array, and a million reviews cost their index in memory, not their text."""
+
+    def __init__(self, file: _ColumnFile, index: np.ndarray | None = None):
+        self._file = file
+        self.index = np.arange(len(file), dtype=np.int64) if index is None else index
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Column(self._file, self.index[i])
+        return self._file.values(self.index[[i]])[0]
+
+    def __iter__(self):
+        for chunk in self.chunks():
+            yield from chunk
+
+    def chunks(self, size: int = BATCH_ROWS):
+        """The values as lists of at most `size`, in order."""
+        for start in range(0, len(self.index), size):
+            yield self._file.values(self.index[start:start + size])
+
+    def take(self, idx: np.ndarray) -> Column:
+        return Column(self._file, self.index[idx])
+
+    def __eq__(self, other):
+        return isinstance(other, Sequence) and len(self) == len(other) and list(self) == list(other)
+
+    __hash__ = None
+
+    def __add__(self, other):
+        return list(self) + list(other)
+
+    def __radd__(self, other):
+        return list(other) + list(self)
+
+    def __repr__(self):
+        return f"Column({len(self)} rows)"
+
+
+def chunks(values: Sequence, size: int = BATCH_ROWS):
+    """A Column's or a list's values as lists of at most `size`, in order."""
+    if isinstance(values, Column):
+        yield from values.chunks(size)
+    else:
+        for start in range(0, len(values), size):
+            yield list(values[start:start + size])
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,11 +179,12 @@ def load_splits(cfg: DataConfig, seed: int,
 
     `model_names()`: the class names the model's config gives (modeling.config_label_names), asked
     only for integer labels that neither the recipe nor the source names (it may reach the hub).
+    Subsets are drawn from the labels alone; the texts stay on disk until tokenized.
     """
     train_raw = read_split(cfg, cfg.train_split)
     if cfg.holdout_size:
         names, train_ids = label_ids(train_raw, cfg, None, model_names)
-        train_all = Examples(train_raw.texts, train_ids, train_raw.origin)
+        train_all = _examples(train_raw, train_ids)
         if cfg.holdout_size >= len(train_all.texts):
             raise DataError(f"{train_raw.origin}: data.holdout_size={cfg.holdout_size} leaves no "
                             f"training examples (split has {len(train_all.texts)})")
@@ -66,8 +196,8 @@ def load_splits(cfg: DataConfig, seed: int,
         eval_raw = read_split(cfg, cfg.eval_split)
         names, train_ids = label_ids(train_raw, cfg, None, model_names, also=eval_raw.labels)
         _, eval_ids = label_ids(eval_raw, cfg, names)
-        train = Examples(train_raw.texts, train_ids, train_raw.origin)
-        evals = Examples(eval_raw.texts, eval_ids, eval_raw.origin)
+        train = _examples(train_raw, train_ids)
+        evals = _examples(eval_raw, eval_ids)
     if cfg.train_size is not None and cfg.train_size < len(train.texts):
         train = take(train, stratified_subset(train.labels, cfg.train_size, seed))
     if cfg.eval_size is not None and cfg.eval_size < len(evals.texts):
@@ -75,7 +205,7 @@ def load_splits(cfg: DataConfig, seed: int,
     test = None
     if cfg.test_split:
         test_raw = read_split(cfg, cfg.test_split)
-        test = Examples(test_raw.texts, label_ids(test_raw, cfg, names)[1], test_raw.origin)
+        test = _examples(test_raw, label_ids(test_raw, cfg, names)[1])
         if cfg.test_size is not None and cfg.test_size < len(test.texts):
             test = take(test, stratified_subset(test.labels, cfg.test_size, seed + 2))
     return Splits(train, evals, names, test)
@@ -86,7 +216,7 @@ def load_eval_split(cfg: DataConfig, split: str, label_names: list[str] | None =
     """One split for evaluation only (launch/evaluate.py), labels mapped onto `label_names`."""
     raw = read_split(cfg, split)
     _, ids = label_ids(raw, cfg, label_names)
-    examples = Examples(raw.texts, ids, raw.origin)
+    examples = _examples(raw, ids)
     if cfg.eval_size is not None and cfg.eval_size < len(ids):
         examples = take(examples, stratified_subset(ids, cfg.eval_size, seed + 1))
     return examples
@@ -94,12 +224,17 @@ def load_eval_split(cfg: DataConfig, split: str, label_names: list[str] | None =
 
 @dataclass
 class RawSplit:
-    texts: list[str]
+    texts: Sequence  # str per row (a Column on disk); token-id lists when pretokenized
     labels: list  # ints or strings, as stored
-    rows: list[int]  # 1-based row numbers in the source, for messages
+    rows: Sequence[int]  # 1-based row numbers in the source, for messages
     column: str
     origin: str
     label_names: list[str] | None  # when the source declares them (hub ClassLabel, mapping.txt)
+    pretokenized: bool = False
+
+
+def _examples(raw: RawSplit, ids: np.ndarray) -> Examples:
+    return Examples(raw.texts, ids, raw.origin, np.asarray(raw.rows, dtype=np.int64), raw.pretokenized)
 
 
 def read_split(cfg: DataConfig, split: str) -> RawSplit:
@@ -108,11 +243,34 @@ def read_split(cfg: DataConfig, split: str) -> RawSplit:
             path = Path(resolve(cfg.source)).expanduser()
         except MissingPackageError as e:
             raise DataError(str(e)) from None
-        frame, origin, names = _read_local(path, split, cfg)
+        frames, origin, names = _read_local(path, split, cfg)
     else:
         # the label column's name on the hub, before data.rename_columns
         label = next((old for old, new in cfg.rename_columns.items() if new == cfg.label_column), cfg.label_column)
-        frame, origin, names = _read_hub(cfg.source, split, label)
+        frames, origin, names = _read_hub(cfg.source, split, label)
+    file, labels, rows = _ColumnFile(), [], []
+    pretokenized = None
+    try:
+        offset = 0
+        for frame in frames:  # one chunk of the source at a time; its row numbers run on
+            frame.index = pd.RangeIndex(offset, offset + len(frame))
+            offset += len(frame)
+            frame, column = _select(frame, cfg, origin)
+            pretokenized = column != cfg.text_column
+            values = _checked_values(frame, column, origin)
+            file.append(values)
+            labels.extend(frame[cfg.label_column].tolist())
+            rows.append(frame.index.to_numpy() + 1)
+    finally:
+        file.close()
+    if not labels:
+        raise DataError(f"{origin}: split '{split}' is empty" + (" after data.where" if cfg.where else ""))
+    return RawSplit(Column(file), labels, np.concatenate(rows), cfg.label_column, origin, names,
+                    bool(pretokenized))
+
+
+def _select(frame: pd.DataFrame, cfg: DataConfig, origin: str) -> tuple[pd.DataFrame, str]:
+    """One chunk renamed and filtered as the recipe says; (chunk, the column holding the inputs)."""
     for old, new in cfg.rename_columns.items():
         if old in frame.columns:
             if new in frame.columns:
@@ -124,19 +282,37 @@ def read_split(cfg: DataConfig, split: str) -> RawSplit:
             raise DataError(f"{origin}: data.where names column '{column}', which is not there "
                             f"(columns: {', '.join(map(str, frame.columns))})")
         frame = frame[frame[column] == value]
-    for column, key in ((cfg.text_column, "data.text_column"), (cfg.label_column, "data.label_column")):
+    text = cfg.text_column
+    if text not in frame.columns and PRETOKENIZED_COLUMN in frame.columns:
+        text = PRETOKENIZED_COLUMN
+    for column, key in ((text, "data.text_column"), (cfg.label_column, "data.label_column")):
         if column not in frame.columns:
             raise DataError(f"{origin}: no column '{column}' ({key}); columns: "
                             f"{', '.join(map(str, frame.columns))}")
-    if len(frame) == 0:
-        raise DataError(f"{origin}: split '{split}' is empty" + (" after data.where" if cfg.where else ""))
-    texts = frame[cfg.text_column].tolist()
-    for row, text in zip(frame.index, texts, strict=True):
-        if not isinstance(text, str):
-            raise DataError(f"{origin}: row {row + 1}, column '{cfg.text_column}': expected text, "
-                            f"got {text!r}")
-    rows = [int(r) + 1 for r in frame.index]
-    return RawSplit(texts, frame[cfg.label_column].tolist(), rows, cfg.label_column, origin, names)
+    return frame, text
+
+
+def _checked_values(frame: pd.DataFrame, column: str, origin: str) -> pa.Array:
+    """The chunk's texts (or token-id lists) as Arrow, every row checked."""
+    values = frame[column].tolist()
+    if column != PRETOKENIZED_COLUMN:
+        for row, text in zip(frame.index, values, strict=True):
+            if not isinstance(text, str):
+                raise DataError(f"{origin}: row {row + 1}, column '{column}': expected text, got {text!r}")
+        return pa.array(values, type=pa.large_string())
+    ids = []
+    for row, value in zip(frame.index, values, strict=True):
+        arr = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+        if arr is None or arr.ndim != 1 or len(arr) == 0 or arr.dtype.kind not in "iu" or arr.min() < 0:
+            raise DataError(f"{origin}: row {row + 1}, column '{column}': expected a non-empty list of "
+                            f"token ids (integers >= 0), got {_short(value)}")
+        ids.append(arr.astype(np.int64))
+    return pa.array(ids, type=pa.list_(pa.int64()))
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _read_hub(name: str, split: str, label_column: str):
@@ -149,7 +325,9 @@ def _read_hub(name: str, split: str, label_column: str):
                         f"({e.__class__.__name__}: {' '.join(str(e).split())[:200]})") from None
     feature = ds.features.get(label_column)  # a ClassLabel names the classes; another column's does not
     names = list(feature.names) if hasattr(feature, "names") else None
-    return ds.to_pandas(), f"{name}[{split}]", names
+    # the dataset is memory-mapped Arrow: it reaches pandas a chunk at a time
+    frames = ds.to_pandas(batch_size=CHUNK_ROWS, batched=True) if len(ds) else iter([ds.to_pandas()])
+    return frames, f"{name}[{split}]", names
 
 
 def _read_local(path: Path, split: str, cfg: DataConfig):
@@ -159,11 +337,11 @@ def _read_local(path: Path, split: str, cfg: DataConfig):
         if split != cfg.train_split:
             raise DataError(f"{path}: a single file holds only the train split; set "
                             f"data.eval_split=null and data.holdout_size=N to evaluate on held-out rows")
-        return read_table(path, cfg.encoding), str(path), None
+        return table_chunks(path, cfg.encoding), str(path), None
     for suffix in TABLE_SUFFIXES:
         candidate = path / f"{split}{suffix}"
         if candidate.exists():
-            return read_table(candidate, cfg.encoding), str(candidate), None
+            return table_chunks(candidate, cfg.encoding), str(candidate), None
     if (path / split / "pos").is_dir() and (path / split / "neg").is_dir():
         return _read_aclimdb(path / split, cfg.encoding), str(path / split), ["neg", "pos"]
     if (path / f"{split}_text.txt").exists():
@@ -185,38 +363,81 @@ def decode_file(path: Path, encoding: str) -> str:
         raise DataError(f"{path}: unknown data.encoding '{encoding}'") from None
 
 
-def read_table(path: Path, encoding: str):
-    suffix = path.suffix.lower()
+def check_encoding(path: Path, encoding: str) -> None:
+    """Stop at the first bytes that are not valid `encoding`, naming their line, reading in blocks."""
     try:
-        if suffix == ".parquet":
-            frame = pd.read_parquet(path)
-        elif suffix in (".csv", ".tsv"):
-            text = decode_file(path, encoding)
-            if suffix == ".tsv":  # TSV cells are not quoted (SST-2 sentences hold bare quotes)
-                frame = pd.read_csv(io.StringIO(text), sep="\t", quoting=3, dtype=object)
-            else:
-                frame = pd.read_csv(io.StringIO(text), dtype=object)
-        elif suffix == ".jsonl":
-            frame = pd.read_json(io.StringIO(decode_file(path, encoding)), lines=True, dtype=False)
-        else:
-            raise DataError(f"{path}: unsupported file type '{suffix}' (use {', '.join(TABLE_SUFFIXES)})")
+        decoder = codecs.getincrementaldecoder(encoding)()
+    except LookupError:
+        raise DataError(f"{path}: unknown data.encoding '{encoding}'") from None
+    line = 1
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(1 << 24)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                line += block.count(b"\n", 0, max(e.start, 0))
+                raise DataError(f"{path}: line {line}: text is not valid {encoding} "
+                                f"(set data.encoding, e.g. latin-1)") from None
+            if not block:
+                return
+            line += block.count(b"\n")
+
+
+def table_chunks(path: Path, encoding: str) -> Iterator[pd.DataFrame]:
+    """A table file as frames of CHUNK_ROWS rows, parsed exactly as the whole file would be."""
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type '{suffix}' (use {', '.join(TABLE_SUFFIXES)})")
+    if suffix != ".parquet":
+        check_encoding(path, encoding)
+    return _parse_errors_named(path, _table_chunks(path, suffix, encoding))
+
+
+def _table_chunks(path: Path, suffix: str, encoding: str) -> Iterator[pd.DataFrame]:
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        file = pq.ParquetFile(path)
+        empty = True
+        for batch in file.iter_batches(batch_size=CHUNK_ROWS):
+            empty = False
+            yield batch.to_pandas()
+        if empty:
+            yield file.schema_arrow.empty_table().to_pandas()
+    elif suffix == ".tsv":  # TSV cells are not quoted (SST-2 sentences hold bare quotes)
+        yield from pd.read_csv(path, sep="\t", quoting=3, dtype=object, encoding=encoding, chunksize=CHUNK_ROWS)
+    elif suffix == ".csv":
+        yield from pd.read_csv(path, dtype=object, encoding=encoding, chunksize=CHUNK_ROWS)
+    else:
+        yield from pd.read_json(path, lines=True, dtype=False, encoding=encoding, chunksize=CHUNK_ROWS)
+
+
+def _parse_errors_named(path: Path, frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    try:
+        yield from frames
     except DataError:
         raise
     except Exception as e:  # pandas/pyarrow parse errors come in many types
         raise DataError(f"{path}: cannot parse ({e.__class__.__name__}: {' '.join(str(e).split())[:200]})") from None
-    return frame.reset_index(drop=True)
 
 
-def _read_aclimdb(folder: Path, encoding: str):
-    texts, labels = [], []
-    for label, sub in enumerate(("neg", "pos")):
-        for file in sorted((folder / sub).glob("*.txt")):
-            texts.append(decode_file(file, encoding))
-            labels.append(label)
-    return pd.DataFrame({"text": texts, "label": labels})
+def read_table(path: Path, encoding: str) -> pd.DataFrame:
+    """A small table whole (engine/compare's input files)."""
+    frames = list(table_chunks(path, encoding))
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
+
+
+def _read_aclimdb(folder: Path, encoding: str) -> Iterator[pd.DataFrame]:
+    files = [(label, file) for label, sub in enumerate(("neg", "pos")) for file in sorted((folder / sub).glob("*.txt"))]
+    for start in range(0, max(len(files), 1), CHUNK_ROWS):
+        part = files[start:start + CHUNK_ROWS]
+        yield pd.DataFrame({"text": [decode_file(f, encoding) for _, f in part],
+                            "label": [label for label, _ in part]})
 
 
 def _read_text_label_pair(path: Path, split: str, cfg: DataConfig):
+    # one tweet a line: these files are small (TweetEval's largest, 12,284 lines), read whole
     text_file, label_file = path / f"{split}_text.txt", path / f"{split}_labels.txt"
     texts = decode_file(text_file, cfg.encoding).splitlines()
     if not label_file.exists():
@@ -227,7 +448,7 @@ def _read_text_label_pair(path: Path, split: str, cfg: DataConfig):
     mapping = path / "mapping.txt"
     names = _read_mapping(mapping, cfg.encoding) if mapping.exists() else None
     frame = pd.DataFrame({cfg.text_column: texts, cfg.label_column: labels})
-    return frame, str(text_file), names
+    return iter([frame]), str(text_file), names
 
 
 def _read_mapping(mapping: Path, encoding: str) -> list[str]:
@@ -345,4 +566,5 @@ def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def take(ex: Examples, idx: np.ndarray) -> Examples:
-    return Examples([ex.texts[i] for i in idx], ex.labels[idx], ex.origin)
+    texts = ex.texts.take(idx) if isinstance(ex.texts, Column) else [ex.texts[i] for i in idx]
+    return Examples(texts, ex.labels[idx], ex.origin, None if ex.rows is None else ex.rows[idx], ex.pretokenized)

@@ -72,7 +72,7 @@ def test_tokenize_is_cached(tmp_path):
     tok = tiny.make_tokenizer()
     ex = Examples(["good movie", "bad film indeed"], np.array([1, 0]), "x")
     first = tokenize(ex, tok, 16, str(tmp_path))
-    assert len(list(tmp_path.glob("*.npz"))) == 1
+    assert len(list(tmp_path.glob("*.json"))) == 1  # one token store (its header)
     calls = []
     tok_call = tok.__class__.__call__
     tok.__class__.__call__ = lambda self, *a, **k: calls.append(1) or tok_call(self, *a, **k)
