@@ -169,7 +169,7 @@ MUTANTS = [
       "        if self.hooks.stop_requested():\n",
       "SIGTERM stops the run without writing a checkpoint"),
     M("loop-keep-best-on-ties", "loop.py",
-      'metrics["accuracy"] > state.best["accuracy"]', 'metrics["accuracy"] >= state.best["accuracy"]',
+      'else metrics[metric] > best[metric]', 'else metrics[metric] >= best[metric]',
       "keep_best replaces the best with a later eval that only ties it"),
     # ---- precision.py -------------------------------------------------------------------------
     M("precision-autocast-null", "precision.py",
@@ -271,7 +271,7 @@ MUTANTS = [
       '"seed": recipe.seed, ', "",
       "a resume with another seed is accepted (fingerprint field ignored)"),
     M("resume-overwrite-keeps-checkpoints", "resume.py",
-      '"adapter", checkpoint.CHECKPOINTS, "log.jsonl"', '"adapter", "log.jsonl"',
+      'STAGING, checkpoint.CHECKPOINTS, "log.jsonl"', 'STAGING, "log.jsonl"',
       "--overwrite leaves the old run's checkpoints, which --resume auto later picks"),
     M("resume-unfinished-not-refused", "resume.py",
       "    elif existing:\n        raise OutputDirError", "    elif False:\n        raise OutputDirError",
@@ -311,8 +311,8 @@ MUTANTS = [
       'digest.update(f"{max_length}|{truncation}|', 'digest.update(f"{truncation}|',
       "the token cache is reused after data.max_length changes"),
     M("batching-tail-off-by-one", "batching.py",
-      "body = body[:keep_head] + body[len(body) - (budget - keep_head):]",
-      "body = body[:keep_head] + body[len(body) - (budget - keep_head) + 1:]",
+      "return body[:keep_head] + body[len(body) - (budget - keep_head):]",
+      "return body[:keep_head] + body[len(body) - (budget - keep_head) + 1:]",
       "tail truncation keeps one token fewer than max_length allows"),
     # ---- evaluation.py ------------------------------------------------------------------------
     M("evaluation-gather-order", "evaluation.py",
