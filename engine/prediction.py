@@ -115,6 +115,7 @@ def label_file(model_spec: str, input_path: str, output_path: str, *, base: str 
         say = print if dist.is_main else (lambda text: None)
         choice = precision_lib.choose(precision, dist.device, dist.broadcast_object, say, dist.is_main)
         model, tokenizer = load_classifier(model_spec, base, trust_remote_code)
+        modeling.check_max_length(model, max_length, model_spec, key="--max-length")
         names = modeling.label_names_of(model)
         examples = sources.Examples(texts, np.zeros(len(texts), dtype=np.int64), str(input_path))
         tokens = batching.tokenize(examples, tokenizer, max_length, truncation=truncation, head_tokens=head_tokens)

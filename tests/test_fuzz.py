@@ -133,7 +133,7 @@ VALID_AT_LOAD = {
     ("seed", "zero"), ("train.max_steps", "zero"), ("train.eval_every", "zero"), ("data.holdout_size", "zero"),
     ("checkpoint.every", "zero"), ("checkpoint.keep", "zero"), ("train.weight_decay", "zero"),
     ("train.warmup_ratio", "zero"), ("train.min_lr_ratio", "zero"), ("train.max_grad_norm", "zero"),
-    ("peft.dropout", "zero"), ("train.max_grad_norm", "huge"),
+    ("peft.dropout", "zero"), ("train.early_stopping_patience", "zero"), ("train.max_grad_norm", "huge"),
 }
 
 

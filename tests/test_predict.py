@@ -26,7 +26,7 @@ def lora_run(tiny_data, tmp_path_factory):
 
 
 def _predict(*args):
-    return run_cli("launch/predict.py", "--precision", "fp32", "--threads", "1", *args)
+    return run_cli("launch/predict.py", "--precision", "fp32", "--threads", "1", "--max-length", "128", *args)
 
 
 def _scores(model, tokenizer_dir, texts):
@@ -41,7 +41,7 @@ def _scores(model, tokenizer_dir, texts):
 def test_accuracy_equals_evaluate_and_rows_keep_input_order(lora_run, tiny_data, tmp_path):
     tuned = lora_run / "tuned"
     ev = run_cli("launch/evaluate.py", "--model", tuned, "--data", tiny_data, "--split", "test",
-                 "--output", tmp_path / "eval.json")
+                 "--max-length", "128", "--output", tmp_path / "eval.json")
     assert ev.returncode == 0, ev.stderr[-2000:]
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     p = _predict("--model", tuned, "--input", f"{tiny_data}/test.parquet", "--output", tmp_path / "pred.csv")
@@ -97,7 +97,7 @@ def test_two_processes_write_the_same_file_as_one(lora_run, tiny_data, tmp_path)
     one = _predict(*args, "--output", tmp_path / "one.csv")
     assert one.returncode == 0, one.stderr[-2000:]
     two = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "launch/predict.py",
-                  "--precision", "fp32", "--threads", "1", *args, "--output", tmp_path / "two.csv")
+                  "--precision", "fp32", "--threads", "1", "--max-length", "128", *args, "--output", tmp_path / "two.csv")
     assert two.returncode == 0, two.stderr[-3000:]
     assert (tmp_path / "two.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
 
@@ -113,6 +113,10 @@ def test_bad_input_is_one_line_and_exit_2(lora_run, tmp_path):
     p = _predict("--model", tuned, "--input", tmp_path / "in.csv", "--text-column", "review",
                  "--output", tmp_path / "o.xlsx")
     assert p.returncode == 2 and ".csv or .jsonl" in p.stderr
+    # past the tiny model's 128 positions: refused before any text is scored
+    p = _predict("--model", tuned, "--input", tmp_path / "in.csv", "--text-column", "review",
+                 "--output", tmp_path / "o.csv", "--max-length", "129")
+    assert p.returncode == 2 and "past the 128 positions" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert not any(x.name.startswith(("o.", ".o.")) for x in tmp_path.iterdir())  # nothing half-written
 
 

@@ -49,7 +49,7 @@ def test_pretokenized_source_selects_the_engines_rows(tmp_path, tiny_bert, tiny_
     assert none is None and set(ids) == {"train", "eval", "test"}
     for part in ("train", "eval", "test"):
         expected = getattr(text, part)
-        assert ids[part] == tok(expected.texts, truncation=True, max_length=32)["input_ids"], part
+        assert ids[part] == tok(list(expected.texts), truncation=True, max_length=32)["input_ids"], part
         assert np.array_equal(getattr(splits, part).labels, expected.labels), part
         assert str(ids_source) in getattr(splits, part).origin  # messages name the source, not the stand-in
     assert (len(ids["train"]), len(ids["eval"]), len(ids["test"])) == (160, 32, 33)
