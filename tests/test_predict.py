@@ -97,7 +97,8 @@ def test_two_processes_write_the_same_file_as_one(lora_run, tiny_data, tmp_path)
     one = _predict(*args, "--output", tmp_path / "one.csv")
     assert one.returncode == 0, one.stderr[-2000:]
     two = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "launch/predict.py",
-                  "--precision", "fp32", "--threads", "1", "--max-length", "128", *args, "--output", tmp_path / "two.csv")
+                  "--precision", "fp32", "--threads", "1", "--max-length", "128", *args,
+                  "--output", tmp_path / "two.csv")
     assert two.returncode == 0, two.stderr[-3000:]
     assert (tmp_path / "two.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
 
