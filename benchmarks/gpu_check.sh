@@ -82,7 +82,7 @@ if (( DRY )); then
   PYTHONPATH=$ROOT ADAPTERS="${adapters[*]}" "$PY" - "${common[@]:3}" <<'EOF' || exit 1
 import os
 import sys
-from engine.config import load_recipe
+from engine.recipe_yaml import load_recipe
 adapters = os.environ["ADAPTERS"].split()
 for extra in ([], ["train.activation_checkpointing=true"], ["distributed.strategy=ddp"],
               ["distributed.strategy=fsdp"], ["peft.method=lora", *adapters], ["peft.method=qlora", *adapters]):

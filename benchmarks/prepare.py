@@ -72,8 +72,8 @@ def dry_precision(s: dict) -> str:
 def invalid_settings(s: dict) -> str | None:
     """What a scenario's command would be refused for, found without running it: engine overrides the
     recipe loader rejects, or trainer_args that TrainingArguments does not take. None when all is valid."""
-    from engine.config import load_recipe
     from engine.errors import RecipeError
+    from engine.recipe_yaml import load_recipe
 
     prep = Preparer(Path("work"), gpus=0)
     overrides = prep.engine_overrides(s, "model", "data", Path("out"))

@@ -51,11 +51,11 @@ from transformers import (
 )
 
 from engine import modeling
-from engine.config import load_recipe
 from engine.errors import DataError
 from engine.metrics import classification_metrics
 from engine.paths import is_local, resolve
 from engine.precision import choose
+from engine.recipe_yaml import load_recipe
 from engine.sources import load_splits
 
 

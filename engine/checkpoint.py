@@ -80,6 +80,11 @@ def file_sha256(path: str | Path) -> str:
 
 CHECKPOINTS = "checkpoints"
 STEP_PREFIX = "step-"
+BEST = "best.safetensors"  # with keep_best: the best weights so far, and a copy in each checkpoint
+
+
+def best_weights_file(out_dir: str | Path) -> Path:
+    return Path(out_dir) / CHECKPOINTS / BEST
 
 
 def checkpoint_dirs(out_dir: str | Path) -> list[Path]:

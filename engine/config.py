@@ -1,23 +1,16 @@
-"""Recipe schema: every key, its default and its meaning, in one place.
+"""Recipe schema: every key, its default, its meaning and whether it may change on resume, in one place.
 
 A recipe is a YAML file whose sections mirror the dataclasses below; `key.sub=value` arguments on
-the command line override it. Loading validates everything up front, so a typo stops the run with
-one line instead of failing an hour in.
+the command line override it (engine/recipe_yaml.py reads and writes them). Loading validates
+everything up front, so a typo stops the run with one line instead of failing an hour in.
 """
 from __future__ import annotations
 
 import codecs
-import dataclasses
-import difflib
 import importlib.util
 import math
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-import yaml
 
 from engine.errors import RecipeError
 from engine.paths import uncreatable
@@ -32,7 +25,22 @@ MAX_THREADS = 4096
 # backend this build lacks (nccl without CUDA) stops at launch, in engine/distributed.py
 BACKENDS = ("gloo", "nccl", "mpi", "ucc", "xccl")
 
+# On --resume every key must equal the checkpoint's (engine/resume.py refuses a change in one line
+# naming the key) unless its section's `@on_resume` lists it under `may_change`, with the reason.
+# Every key has a decision: tests/test_resume_keys.py fails on a key added without one.
+FIXED = "fixed"
 
+
+def on_resume(fixed: tuple[str, ...] = (), may_change: dict[str, str] | None = None):
+    """A section's resume rule for each of its keys, as the class attribute RESUME {key: FIXED or
+    why it may change} (sections nested in a section carry their own)."""
+    def mark(cls):
+        cls.RESUME = {**dict.fromkeys(fixed, FIXED), **(may_change or {})}
+        return cls
+    return mark
+
+
+@on_resume(fixed=("name_or_path", "revision", "trust_remote_code", "attn_implementation", "gguf_file"))
 @dataclass
 class ModelConfig:
     name_or_path: str = "distilbert-base-uncased"  # hub name, local folder, or package://pkg/path
@@ -44,6 +52,10 @@ class ModelConfig:
     gguf_file: str | None = None  # a .gguf file inside name_or_path: de-quantised on load
 
 
+@on_resume(fixed=("source", "train_split", "eval_split", "text_column", "label_column", "label_names", "where",
+                  "rename_columns", "encoding", "max_length", "truncation", "head_tokens", "train_size",
+                  "eval_size", "holdout_size", "test_split", "test_size"),
+           may_change={"cache_dir": "where token ids and base scores are cached, not what they are"})
 @dataclass
 class DataConfig:
     source: str = "imdb"  # hub dataset name, local file or folder, or package://pkg/path
@@ -86,6 +98,19 @@ class DataConfig:
                                   f"names, got {self.label_names}")
 
 
+LENGTH = "the run's length: a resume may extend it (the lr schedule is then rebuilt over the new length)"
+
+
+@on_resume(fixed=("batch_size", "grad_accum", "lr", "weight_decay", "warmup_ratio", "schedule", "min_lr_ratio",
+                  "max_grad_norm", "precision", "group_by_length", "keep_best", "select_metric",
+                  "early_stopping_patience", "class_weights"),
+           may_change={"epochs": LENGTH, "max_steps": LENGTH,
+                       "eval_batch_size": "memory only: scores agree up to float rounding",
+                       "eval_every": "when the eval set is scored; the training steps are the same",
+                       "log_every": "how often the log is written",
+                       "num_threads": "speed: a resume may run on another machine",
+                       "compile": "kernels, not the model: a checkpoint holds the plain model's names",
+                       "activation_checkpointing": "memory: activations are recomputed with the same masks"})
 @dataclass
 class TrainConfig:
     epochs: float = 2.0
@@ -119,7 +144,61 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% slower
 
+    def check(self, where: str) -> None:
+        positive = {"train.batch_size": self.batch_size, "train.eval_batch_size": self.eval_batch_size,
+                    "train.grad_accum": self.grad_accum, "train.log_every": self.log_every}
+        for key, value in positive.items():
+            if value < 1:
+                raise RecipeError(f"{where}: '{key}' must be >= 1, got {value}")
+        if self.num_threads is not None and not 1 <= self.num_threads <= MAX_THREADS:
+            raise RecipeError(f"{where}: 'train.num_threads' must be in 1..{MAX_THREADS} (or null: cores / "
+                              f"processes), got {self.num_threads}")
+        if self.epochs > MAX_INT:
+            raise RecipeError(f"{where}: 'train.epochs' must be at most {MAX_INT}, got {self.epochs}")
+        for key, value in {"train.max_steps": self.max_steps, "train.eval_every": self.eval_every,
+                           "train.early_stopping_patience": self.early_stopping_patience,
+                           "train.weight_decay": self.weight_decay, "train.max_grad_norm": self.max_grad_norm}.items():
+            if value < 0:
+                raise RecipeError(f"{where}: '{key}' must be >= 0, got {value}")
+        if self.epochs <= 0 and self.max_steps == 0:
+            raise RecipeError(f"{where}: 'train.epochs' must be > 0 (or set train.max_steps)")
+        # AdamW moves each weight by about lr a step whatever the gradient's scale: past 1 one step
+        # outweighs the pretrained weights themselves (typically 0.01-0.1), and 1e300 makes them inf
+        if not 0 < self.lr <= 1:
+            raise RecipeError(f"{where}: 'train.lr' must be in (0, 1], got {self.lr}")
+        if self.lr * self.weight_decay >= 1:  # AdamW scales weights by 1 - lr * weight_decay each step
+            raise RecipeError(f"{where}: 'train.weight_decay' x 'train.lr' must be below 1 (each step scales "
+                              f"the weights by 1 - lr x weight_decay), got {self.weight_decay} x {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise RecipeError(f"{where}: 'train.warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise RecipeError(f"{where}: 'train.min_lr_ratio' must be in [0, 1], got {self.min_lr_ratio}")
+        self.class_weights = checked_class_weights(self.class_weights, where)
+        if self.early_stopping_patience and not self.keep_best:
+            # as the Trainer's EarlyStoppingCallback: tuned/ would otherwise be the weights `patience`
+            # evaluations past the best
+            raise RecipeError(f"{where}: 'train.early_stopping_patience' needs train.keep_best=true")
 
+
+def checked_class_weights(spec: Any, where: str) -> str | list[float]:
+    """train.class_weights as none, balanced or a list of positive finite floats."""
+    if spec is None:
+        return "none"
+    if isinstance(spec, list):
+        if not spec or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+                               and w > 0 for w in spec):
+            raise RecipeError(f"{where}: 'train.class_weights' must be positive finite numbers, got {spec!r}")
+        return [float(w) for w in spec]
+    if spec not in ("none", "balanced"):
+        raise RecipeError(f"{where}: 'train.class_weights' must be none, balanced or a list of "
+                          f"weights, one per class; got {spec!r}")
+    return spec
+
+
+@on_resume(fixed=("strategy", "replicas", "cpu_offload"),
+           may_change={"backend": "the transport of collectives, not what they compute",
+                       "reshard_after_forward": "memory: when FSDP frees gathered weights; the shards are the same",
+                       "timeout_s": "how long a collective may wait"})
 @dataclass
 class DistributedConfig:
     strategy: Literal["none", "ddp", "fsdp"] = "none"
@@ -144,6 +223,7 @@ class DistributedConfig:
                                       f"{self.backend!r}")
 
 
+@on_resume(fixed=("method", "r", "alpha", "dropout", "target_modules"))
 @dataclass
 class PeftConfig:
     # none: train every weight; lora: low-rank adapters on a frozen body; qlora: the same on a
@@ -159,13 +239,32 @@ class PeftConfig:
     # for decoder LLMs and architectures not listed
     target_modules: list[str] | None = None
 
+    def check(self, where: str) -> None:
+        if self.r < 1:
+            raise RecipeError(f"{where}: 'peft.r' must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise RecipeError(f"{where}: 'peft.alpha' must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise RecipeError(f"{where}: 'peft.dropout' must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None and not self.target_modules:
+            raise RecipeError(f"{where}: 'peft.target_modules' is empty; list layer names, or null for the "
+                              f"architecture's default")
 
+
+@on_resume(may_change={"every": "when checkpoints are written", "keep": "how many are kept"})
 @dataclass
 class CheckpointConfig:
     every: int = 500  # optimizer steps between training-state checkpoints (also at each epoch end)
     keep: int = 2  # newest checkpoints kept under output_dir/checkpoints/; 0 writes none
 
+    def check(self, where: str) -> None:
+        for key, value in {"checkpoint.every": self.every, "checkpoint.keep": self.keep}.items():
+            if value < 0:
+                raise RecipeError(f"{where}: '{key}' must be >= 0, got {value}")
 
+
+@on_resume(may_change=dict.fromkeys(("mlflow", "mlflow_uri", "mlflow_experiment"),
+                                    "where the run is reported, not what it trains"))
 @dataclass
 class TrackingConfig:
     # TensorBoard (output_dir/tb) and log.jsonl are always written; MLflow is an optional extra:
@@ -180,6 +279,8 @@ class TrackingConfig:
                               f"pip install -e \".[mlflow]\" (or pip install mlflow-skinny)")
 
 
+@on_resume(fixed=("seed",),
+           may_change={"output_dir": "the run's folder may move (the checkpoint resumed must lie in it)"})
 @dataclass
 class Recipe:
     output_dir: str = "runs/default"
@@ -193,67 +294,23 @@ class Recipe:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def check(self, where: str) -> None:
-        """Cross-key rules that a type alone cannot express."""
-        t, d = self.train, self.data
-        positive = {
-            "train.batch_size": t.batch_size, "train.eval_batch_size": t.eval_batch_size,
-            "train.grad_accum": t.grad_accum, "data.max_length": d.max_length, "train.log_every": t.log_every,
-        }
-        for key, value in positive.items():
-            if value < 1:
-                raise RecipeError(f"{where}: '{key}' must be >= 1, got {value}")
+        """Rules that span sections, or that a section shared with other schemas (compare's datasets)
+        does not hold everywhere; each section checked its own keys when it was built."""
+        d = self.data
         if self.seed < 0:  # numpy's seeds are unsigned
             raise RecipeError(f"{where}: 'seed' must be >= 0, got {self.seed}")
-        if t.num_threads is not None and not 1 <= t.num_threads <= MAX_THREADS:
-            raise RecipeError(f"{where}: 'train.num_threads' must be in 1..{MAX_THREADS} (or null: cores / "
-                              f"processes), got {t.num_threads}")
-        if t.epochs > MAX_INT:
-            raise RecipeError(f"{where}: 'train.epochs' must be at most {MAX_INT}, got {t.epochs}")
         for key, folder in (("output_dir", self.output_dir), ("data.cache_dir", d.cache_dir)):
             why = uncreatable(folder) if folder is not None else None
             if why:
                 raise RecipeError(f"{where}: '{key}' cannot be created ({why})")
-        for key, value in {"train.max_steps": t.max_steps, "train.eval_every": t.eval_every,
-                           "data.holdout_size": d.holdout_size, "checkpoint.every": self.checkpoint.every,
-                           "train.early_stopping_patience": t.early_stopping_patience,
-                           "checkpoint.keep": self.checkpoint.keep}.items():
-            if value < 0:
-                raise RecipeError(f"{where}: '{key}' must be >= 0, got {value}")
-        if t.epochs <= 0 and t.max_steps == 0:
-            raise RecipeError(f"{where}: 'train.epochs' must be > 0 (or set train.max_steps)")
-        # AdamW moves each weight by about lr a step whatever the gradient's scale: past 1 one step
-        # outweighs the pretrained weights themselves (typically 0.01-0.1), and 1e300 makes them inf
-        if not 0 < t.lr <= 1:
-            raise RecipeError(f"{where}: 'train.lr' must be in (0, 1], got {t.lr}")
-        for key, value in {"train.weight_decay": t.weight_decay, "train.max_grad_norm": t.max_grad_norm}.items():
-            if value < 0:
-                raise RecipeError(f"{where}: '{key}' must be >= 0, got {value}")
-        if t.lr * t.weight_decay >= 1:  # AdamW scales weights by 1 - lr * weight_decay each step
-            raise RecipeError(f"{where}: 'train.weight_decay' x 'train.lr' must be below 1 (each step scales "
-                              f"the weights by 1 - lr x weight_decay), got {t.weight_decay} x {t.lr}")
-        if not 0 <= t.warmup_ratio < 1:
-            raise RecipeError(f"{where}: 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
-        if not 0 <= t.min_lr_ratio <= 1:
-            raise RecipeError(f"{where}: 'train.min_lr_ratio' must be in [0, 1], got {t.min_lr_ratio}")
+        if d.max_length < 1:
+            raise RecipeError(f"{where}: 'data.max_length' must be >= 1, got {d.max_length}")
+        if d.holdout_size < 0:
+            raise RecipeError(f"{where}: 'data.holdout_size' must be >= 0, got {d.holdout_size}")
         for key, value in {"data.train_size": d.train_size, "data.eval_size": d.eval_size,
                            "data.test_size": d.test_size}.items():
             if value is not None and value < 1:
                 raise RecipeError(f"{where}: '{key}' must be >= 1, got {value}")
-        if t.class_weights is None:
-            t.class_weights = "none"
-        if isinstance(t.class_weights, list):
-            if not t.class_weights or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
-                                              and math.isfinite(w) and w > 0 for w in t.class_weights):
-                raise RecipeError(f"{where}: 'train.class_weights' must be positive finite numbers, "
-                                  f"got {t.class_weights!r}")
-            t.class_weights = [float(w) for w in t.class_weights]
-        elif t.class_weights not in ("none", "balanced"):
-            raise RecipeError(f"{where}: 'train.class_weights' must be none, balanced or a list of "
-                              f"weights, one per class; got {t.class_weights!r}")
-        if t.early_stopping_patience and not t.keep_best:
-            # as the Trainer's EarlyStoppingCallback: tuned/ would otherwise be the weights `patience`
-            # evaluations past the best
-            raise RecipeError(f"{where}: 'train.early_stopping_patience' needs train.keep_best=true")
         if d.holdout_size and d.eval_split:
             raise RecipeError(f"{where}: 'data.holdout_size' carves the eval set from train; "
                               f"set data.eval_split=null to use it (got eval_split={d.eval_split!r})")
@@ -271,175 +328,3 @@ class Recipe:
         if d.truncation == "head_tail" and not 0 < d.head_tokens < d.max_length:
             raise RecipeError(f"{where}: 'data.head_tokens' must be in 1..{d.max_length - 1} (below "
                               f"data.max_length, leaving room for the tail), got {d.head_tokens}")
-        p = self.peft
-        if p.r < 1:
-            raise RecipeError(f"{where}: 'peft.r' must be >= 1, got {p.r}")
-        if p.alpha <= 0:
-            raise RecipeError(f"{where}: 'peft.alpha' must be > 0, got {p.alpha}")
-        if not 0 <= p.dropout < 1:
-            raise RecipeError(f"{where}: 'peft.dropout' must be in [0, 1), got {p.dropout}")
-        if p.target_modules is not None and not p.target_modules:
-            raise RecipeError(f"{where}: 'peft.target_modules' is empty; list layer names, or null for the "
-                              f"architecture's default")
-
-
-# --------------------------------------------------------------------------------------------
-# Loading, overriding, validating
-
-
-def load_recipe(path: str | Path | None, overrides: list[str] = (), schema: type = Recipe):
-    """YAML file (or defaults when path is None) + `key.sub=value` overrides -> validated dataclass."""
-    where = str(path) if path else "<defaults>"
-    raw: dict = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise RecipeError(f"{where}: cannot read recipe ({e.__class__.__name__}: {e})") from None
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{where}: not valid YAML ({_one_line(e)})") from None
-        except RecursionError:
-            raise RecipeError(f"{where}: not valid YAML (nested too deeply)") from None
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise RecipeError(f"{where}: a recipe must be a mapping of keys, got {type(raw).__name__}")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise RecipeError(f"override '{item}': expected key.sub=value")
-        try:
-            parsed = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError:
-            parsed = value
-        _set_dotted(raw, key.strip(), parsed, f"override '{item}'")
-    try:
-        return _build(schema, raw, "", where, schema)
-    except RecursionError:  # a self-referencing YAML alias
-        raise RecipeError(f"{where}: a value refers to itself") from None
-
-
-def to_dict(recipe) -> dict:
-    return dataclasses.asdict(recipe)
-
-
-def dump_recipe(recipe, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False), encoding="utf-8")
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
-
-
-def _set_dotted(raw: dict, key: str, value: Any, where: str) -> None:
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise RecipeError(f"{where}: '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _keys(schema: type, prefix: str = "") -> list[str]:
-    out = []
-    for name, tp in typing.get_type_hints(schema).items():
-        out.append(prefix + name)
-        if dataclasses.is_dataclass(tp):
-            out += _keys(tp, prefix + name + ".")
-    return out
-
-
-def _build(schema: type, raw: dict, prefix: str, where: str, root: type):
-    hints = typing.get_type_hints(schema)
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    kwargs = {}
-    for key, value in raw.items():
-        dotted = prefix + str(key)
-        if key not in fields:
-            # suggestions search the whole recipe, so top-level 'lr' suggests 'train.lr'
-            keys = _keys(root)
-            near = [k for k in keys if k.rsplit(".", 1)[-1] == str(key)]
-            near = near or difflib.get_close_matches(dotted, keys, n=1, cutoff=0.5)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise RecipeError(f"{where}: unknown key '{dotted}'{hint}")
-        kwargs[key] = _coerce(hints[key], value, dotted, where, root)
-    obj = schema(**kwargs)
-    check = getattr(obj, "check", None)
-    if check is not None:
-        check(where)
-    return obj
-
-
-def _coerce(tp: Any, value: Any, key: str, where: str, root: type, optional: bool = False) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key, where, root, optional=type(None) in args)
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise RecipeError(f"{where}: '{key}' must be a section of keys, got {value!r}")
-        return _build(tp, value, key + ".", where, root)
-    if origin is Literal:
-        if value not in args:
-            raise RecipeError(f"{where}: '{key}' must be one of {', '.join(map(str, args))}; got {value!r}")
-        return value
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise RecipeError(f"{where}: '{key}' must be a list, got {value!r}")
-        return [_coerce(args[0], v, f"{key}[{i}]", where, root) for i, v in enumerate(value)] if args else value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{where}: '{key}' must be a mapping, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise RecipeError(f"{where}: '{key}' must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            if abs(value) > MAX_INT:
-                raise RecipeError(f"{where}: '{key}' must be at most {MAX_INT} in size, got {value}")
-            return value
-        raise RecipeError(f"{where}: '{key}' must be an integer, got {value!r}")
-    if tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            try:
-                number = float(value)
-            except OverflowError:  # an int past float range
-                raise RecipeError(f"{where}: '{key}' must be a finite number, got {value}") from None
-        elif isinstance(value, str):  # YAML 1.1 reads 2e-5 as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            raise RecipeError(f"{where}: '{key}' must be a number, got {value!r}")
-        # NaN passes every range check (all comparisons are false) and inf overflows step counts
-        if not math.isfinite(number):
-            raise RecipeError(f"{where}: '{key}' must be a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if isinstance(value, str):
-            # an empty name, path or column means "here" or "nothing" by accident (output_dir "" is
-            # the working folder); a key that may be left unset takes null instead
-            if not value.strip():
-                raise RecipeError(f"{where}: '{key}' is empty" + (" (null leaves it unset)" if optional else ""))
-            return value
-        raise RecipeError(f"{where}: '{key}' must be a string, got {value!r}")
-    return value

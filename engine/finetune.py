@@ -20,12 +20,14 @@ from engine import precision as precision_lib
 from engine import report as report_lib
 from engine import resume as resume_lib
 from engine.batching import Tokenized
-from engine.config import Recipe, dump_recipe, to_dict
+from engine.checkpoint import BEST, best_weights_file
+from engine.config import Recipe
 from engine.distributed import Dist
 from engine.errors import DataError
 from engine.evaluation import cached_score, eval_set_digest, evaluate
 from engine.metrics import TimeParts
 from engine.precision import Precision
+from engine.recipe_yaml import to_dict
 from engine.report import Scores, Trained
 from engine.sources import Splits
 from engine.tracking import Tracker
@@ -40,7 +42,11 @@ class Run:
     precision: Precision
     out: Path
     parts: TimeParts  # wall seconds by part: load, tokenize, base_eval, train, tuned_eval, save, other
-    resume_from: Path | None
+    resumed: resume_lib.Resumed | None  # the checkpoint continued from, checked against this recipe
+
+    @property
+    def resume_from(self) -> Path | None:
+        return self.resumed.folder if self.resumed else None
 
 
 @dataclass
@@ -63,12 +69,16 @@ class RunData:
 
 def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None) -> dict:
     """Run a recipe to the end; `resume` is "auto" (latest checkpoint in output_dir) or a folder."""
-    run = start(recipe, overwrite, resume)  # processes, precision, output_dir, recipe.yaml
+    run = start(recipe, overwrite, resume)  # processes, precision, output_dir; the recipe against a checkpoint
     seed_everything(run.recipe.seed)  # the head's initialisation is seeded, and identical on every rank
     data, model = load(run)  # splits, tokenizer, token ids; the classifier
     attention = modeling.attn_implementation(model)
-    fingerprint = resume_lib.run_fingerprint(run.recipe, model, len(data.train), len(data.eval), run.dist)
-    saved = resume_lib.read_checkpoint(run.resume_from, fingerprint)  # the state resumed from, if any
+    # what a checkpoint of this run carries; the one resumed must share its model, data and processes
+    fingerprint = resume_lib.fingerprint(run.recipe, run.resumed, model, data.splits.label_names, len(data.train),
+                                         len(data.eval), loop.total_steps(len(data.train), run.recipe.train,
+                                                                          run.dist.dp_world)[1], run.dist)
+    report_lib.record_recipe(run)  # recipe.yaml, now that the run goes ahead
+    saved = run.resumed.state if run.resumed else None  # the state resumed from, if any
     base_sha = None if saved else save_base(run, model, data.tokenizer)
     model = convert(run, model)  # the model transforms: activation checkpointing, LoRA / QLoRA
     counts = modeling.param_counts(model)
@@ -78,16 +88,19 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     tracker = open_tracker(run, data, attention, base_metrics, base_reused and not saved, counts)
     state, throughput = train(run, model, data, tracker, saved,
                               {"fingerprint": fingerprint, "base_metrics": base_metrics})
-    peak = peak_memory(run.dist)
-    chosen = state.best if run.recipe.train.keep_best else state.evals[-1]  # the eval kept as tuned/
-    tuned_sha, exported = export_tuned(run, model, data.tokenizer)  # into the staging folder
-    scores = final_scores(run, data, base_metrics, base_reused, chosen, tracker, base_sha, attention)
-    report = None
-    if run.dist.is_main:
-        trained = Trained(state, throughput, peak, chosen, tuned_sha, base_sha, exported)
-        report = report_lib.build(run, data, scores, trained, counts, attention)
-        checkpoint.publish(staging(run.out), run.out)  # tuned/ (adapter/) appear now, metrics.json last
-        report_lib.write(run, report, tracker)
+    # the last checkpoint holds all the training: a signal from here stops at once, in one line
+    after = signals.StopRequest(run.dist).at_once("after training, in the final scoring")
+    with resume_lib.resumable(run.out, tracker), after:
+        peak = report_lib.peak_memory(run.dist)
+        chosen = state.best if run.recipe.train.keep_best else state.evals[-1]  # the eval kept as tuned/
+        tuned_sha, exported = export_tuned(run, model, data.tokenizer)  # into the staging folder
+        scores = final_scores(run, data, base_metrics, base_reused, chosen, tracker, base_sha, attention)
+        report = None
+        if run.dist.is_main:
+            trained = Trained(state, throughput, peak, chosen, tuned_sha, base_sha, exported)
+            report = report_lib.build(run, data, scores, trained, counts, attention)
+            checkpoint.publish(staging(run.out), run.out)  # tuned/ (adapter/) appear now, metrics.json last
+            report_lib.write(run, report, tracker)
     run.dist.barrier()
     run.dist.close()
     return report
@@ -98,7 +111,8 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
 
 
 def start(recipe: Recipe, overwrite: bool, resume: str | None) -> Run:
-    """Join the process group, choose the precision, prepare output_dir and save the recipe as asked."""
+    """Join the process group, choose the precision, prepare output_dir, and check the recipe against
+    the checkpoint resumed (before any work: a key that may not change is refused in one line)."""
     parts = TimeParts()
     dist = distributed.init(recipe.distributed, recipe.train.num_threads)
     say = print if dist.is_main else (lambda text: None)
@@ -107,13 +121,12 @@ def start(recipe: Recipe, overwrite: bool, resume: str | None) -> Run:
     say(choice.describe())
     precision = Precision(choice.name, dist.device)
     out = Path(recipe.output_dir)
-    resume_from = resume_lib.prepare_output_dir(out, overwrite, resume, dist)
+    resume_from, finished = resume_lib.prepare_output_dir(out, overwrite, resume, dist)
     resume_lib.check_shared(out, dist)  # before any rank writes there on its own
-    if dist.is_main:
-        dump_recipe(recipe, out / "recipe.yaml")  # as asked (auto stays auto); metrics.json says what ran
     # from here on the recipe says what runs: the adapters' compute dtype reads it too
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, precision=choice.name))
-    return Run(recipe, dist, choice, precision, out, parts, resume_from)
+    resumed = resume_lib.open_checkpoint(resume_from, out, finished, recipe, say) if resume_from else None
+    return Run(recipe, dist, choice, precision, out, parts, resumed)
 
 
 def seed_everything(seed: int) -> None:
@@ -229,16 +242,8 @@ def train(run: Run, model: nn.Module, data: RunData, tracker: Tracker, saved: di
     scheduler = optim.build_schedule(optimizer, cfg, loop.total_steps(len(data.train), cfg, dist.dp_world)[1])
     state = None
     if saved:
-        checkpoint.load_training_state(run.resume_from, model, optimizer, scheduler, run.precision, dist)
-        state = loop.LoopState(**saved["loop"])
-        tracker.message(f"resumed from {run.resume_from} (step {state.step}, epoch {state.epoch})")
-        if dist.is_main:
-            checkpoint.restore_extra(run.resume_from, BEST, best_weights_file(run.out))
-            dropped = checkpoint.drop_newer(run.out, state.step)
-            if dropped:
-                tracker.message(f"removed the checkpoints of the abandoned attempt after step {state.step}: "
-                                + ", ".join(p.name for p in dropped))
-        dist.barrier()
+        state = loop.LoopState(**resume_lib.restore(run.resumed, run.out, model, optimizer, scheduler, run.precision,
+                                                    dist, {BEST: best_weights_file(run.out)}, tracker.message))
     stop = signals.StopRequest(dist)
     hooks = loop_hooks(run, model, optimizer, scheduler, data, run_state, stop.requested)
     try:
@@ -249,10 +254,7 @@ def train(run: Run, model: nn.Module, data: RunData, tracker: Tracker, saved: di
                               class_weights=None if data.class_weights is None else
                               torch.tensor(data.class_weights, dtype=torch.float32, device=dist.device))
     except loop.StopTraining as e:
-        tracker.close("KILLED")
-        latest = checkpoint.checkpoint_dirs(run.out)
-        where = f"the last checkpoint is {latest[-1]}" if latest else "no checkpoint was written"
-        raise loop.StopTraining(f"{e}; {where}; continue with: --resume auto") from None
+        raise resume_lib.stopped(e, run.out, tracker) from None
 
 
 def loop_hooks(run: Run, model: nn.Module, optimizer, scheduler, data: RunData, run_state: dict,
@@ -282,23 +284,9 @@ def loop_hooks(run: Run, model: nn.Module, optimizer, scheduler, data: RunData, 
                       stop_requested=stop_requested)
 
 
-BEST = "best.safetensors"
-
-
-def best_weights_file(out: Path) -> Path:
-    return out / checkpoint.CHECKPOINTS / BEST
-
-
 def staging(out: Path) -> Path:
     """Where tuned/ and adapter/ are written and scored; moved into output_dir when the run is done."""
     return out / resume_lib.STAGING
-
-
-def peak_memory(dist: Dist) -> dict:
-    """Peak memory of the largest rank (every rank calls)."""
-    peak = report_lib.peak_memory(dist.device)
-    peak["peak_memory_mb"] = max(dist.all_gather_object(peak["peak_memory_mb"]))
-    return peak
 
 
 def export_tuned(run: Run, model: nn.Module, tokenizer) -> tuple[str | None, dict | None]:

@@ -137,6 +137,20 @@ class Throughput:
         }
 
 
+RATES = ("samples_per_s", "real_tokens_per_s", "padded_tokens_per_s", "padding_share")
+
+
+def timed_steps(summary: dict, first_step: int) -> dict:
+    """A run's throughput summary (loop.Bookkeeping.throughput) saying which steps it timed: a resumed
+    process times only the steps it ran, from `first_step` on; with none left to run (resumed from
+    the run's last checkpoint) it has no rates at all, rather than 0 samples/s."""
+    timed = summary["steps"] - first_step
+    out = {**summary, "resumed_at_step": first_step, "steps_timed": timed}
+    if not timed:
+        out.update(dict.fromkeys(RATES))
+    return out
+
+
 class TimeParts:
     """Wall seconds of a run split into named parts (load, tokenize, base_eval, ...); the rest is
     `other`. A part opened inside another counts for itself only: the outer part loses its span."""

@@ -42,3 +42,13 @@ def build_schedule(optimizer, cfg: TrainConfig, total_steps: int):
     """The recipe's schedule over a run of `total_steps` optimizer steps."""
     warmup = int(cfg.warmup_ratio * total_steps)
     return lr_schedule(optimizer, cfg.schedule, warmup, total_steps, cfg.min_lr_ratio)
+
+
+def follow_schedule(scheduler) -> list[float]:
+    """Set each group's lr to the schedule's value at its current step, and return them: after a
+    resume that rebuilt the schedule over another length, the lr the checkpoint brought back is the
+    old schedule's (the expression is LambdaLR's own, so an unchanged schedule gives the same lr)."""
+    lrs = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    return lrs

@@ -2,15 +2,16 @@
 the TensorBoard hparams, and the terminal summary `launch/train.py` prints."""
 from __future__ import annotations
 
+import dataclasses
 import resource
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from engine import checkpoint
-from engine.config import to_dict
+from engine import checkpoint, metrics
 from engine.paths import write_json_atomic
+from engine.recipe_yaml import dump_recipe, to_dict
 
 if TYPE_CHECKING:
     from engine.finetune import Run, RunData
@@ -42,14 +43,28 @@ class Trained:
     exported: dict | None  # adapters.export's facts (LoRA / QLoRA), else None
 
 
-def peak_memory(device: torch.device) -> dict:
-    """This process's peak memory so far: allocated on the GPU, or resident (max RSS) on CPU."""
-    if device.type == "cuda":
-        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+def peak_memory(dist) -> dict:
+    """The largest rank's peak memory so far (every rank calls): allocated on the GPU, or resident
+    (max RSS) on CPU."""
+    if dist.device.type == "cuda":
+        peak = {"peak_memory_mb": round(torch.cuda.max_memory_allocated(dist.device) / 2**20, 1),
                 "peak_memory_of": "cuda max_memory_allocated"}
-    # ru_maxrss is in KiB on Linux; it covers the whole process, loading included
-    return {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, 1),
-            "peak_memory_of": "process max RSS"}
+    else:  # ru_maxrss is in KiB on Linux; it covers the whole process, loading included
+        peak = {"peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10, 1),
+                "peak_memory_of": "process max RSS"}
+    peak["peak_memory_mb"] = max(dist.all_gather_object(peak["peak_memory_mb"]))
+    return peak
+
+
+def record_recipe(run: Run) -> None:
+    """output_dir/recipe.yaml: the recipe as asked (auto stays auto; metrics.json says what ran),
+    written once the run goes ahead, so a refused resume leaves the run's own. An extended finished
+    run is unfinished from here: its metrics.json goes (main rank)."""
+    if run.dist.is_main:
+        asked = dataclasses.replace(run.recipe.train, precision=run.choice.requested)
+        dump_recipe(dataclasses.replace(run.recipe, train=asked), run.out / "recipe.yaml")
+        if run.resumed and run.resumed.finished:
+            (run.out / "metrics.json").unlink(missing_ok=True)
 
 
 def build(run: Run, data: RunData, scores: Scores, trained: Trained, counts: dict, attention: str) -> dict:
@@ -94,9 +109,13 @@ def build(run: Run, data: RunData, scores: Scores, trained: Trained, counts: dic
 
 
 def train_section(run: Run, trained: Trained) -> dict:
-    return {**trained.throughput, "final_loss": trained.state.final_loss, "world_size": run.dist.world,
+    # a resumed process timed only the steps it ran: the rates are over those, and say so
+    timed = metrics.timed_steps(trained.throughput, run.resumed.step if run.resumed else 0)
+    return {**timed, "final_loss": trained.state.final_loss, "world_size": run.dist.world,
             "strategy": run.dist.strategy, **run.choice.as_dict(),
             "threads_per_process": torch.get_num_threads(), "resumed_from": str(run.resume_from or ""),
+            # the keys this resume changed (engine/config.py lets them): {key: [before, now]}
+            "resume_changes": {k: list(v) for k, v in run.resumed.changes.items()} if run.resumed else {},
             "select_metric": run.recipe.train.select_metric, "stopped_early": trained.state.stopped_early,
             **trained.peak}
 
@@ -137,12 +156,23 @@ def summary_table(report: dict) -> str:
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, width, strict=True)) for r in rows]
     t = report["train"]
-    lines.append(f"train: {t['samples_per_s']:.1f} samples/s, {t['real_tokens_per_s']:.0f} tokens/s "
-                 f"(padding {t['padding_share']:.1%}), {t['steps']} steps in {t['train_seconds']:.0f}s; "
-                 f"whole run {report['wall_seconds']:.0f}s; peak memory {t['peak_memory_mb']:.0f} MB")
+    lines.append(f"train: {throughput_line(t)}; whole run {report['wall_seconds']:.0f}s; "
+                 f"peak memory {t['peak_memory_mb']:.0f} MB")
     if "peft" in report:
         p, c = report["peft"], report["params"]
         adapter = f"; adapter: {p['adapter']['path']}" if "adapter" in p else ""
         lines.append(f"{p['method']}: {c['trainable_params']:,} of {c['total_params']:,} parameters trained "
                      f"({c['trainable_share']:.2%}){adapter}")
     return "\n".join(lines)
+
+
+def throughput_line(t: dict) -> str:
+    """The rates over the steps this process timed, saying which when it resumed a run."""
+    at, timed = t["resumed_at_step"], t["steps_timed"]
+    if not timed:
+        return f"resumed at step {at} of {t['steps']}: no step left to train, so no throughput"
+    rates = (f"{t['samples_per_s']:.1f} samples/s, {t['real_tokens_per_s']:.0f} tokens/s "
+             f"(padding {t['padding_share']:.1%})")
+    if not at:
+        return f"{rates}, {t['steps']} steps in {t['train_seconds']:.0f}s"
+    return f"{rates} over the {timed} steps timed in {t['train_seconds']:.0f}s (resumed at step {at} of {t['steps']})"

@@ -27,7 +27,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def count(text: str) -> int:
     """An argparse type: a whole number from 1 to the recipes' bound (sizes, lengths, batches)."""
-    from engine.config import MAX_INT  # light: yaml, no torch
+    from engine.config import MAX_INT  # light: no torch
 
     try:
         value = int(text)

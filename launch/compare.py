@@ -16,7 +16,7 @@ def main() -> int:
 
     # the engine loads only now, after argparse: --help and usage errors answer without importing torch
     from engine.compare import CompareRecipe, compare, phrase_table
-    from engine.config import load_recipe
+    from engine.recipe_yaml import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides, schema=CompareRecipe)
     report = compare(recipe)

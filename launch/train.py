@@ -16,7 +16,7 @@ def main() -> int:
     args = parser.parse_intermixed_args()  # flags may come after key=value overrides
 
     # the engine loads only now, after argparse: --help and usage errors answer without importing torch
-    from engine.config import load_recipe
+    from engine.recipe_yaml import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # before torch loads: a typo is answered at once
     from engine.finetune import finetune

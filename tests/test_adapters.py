@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 import tiny
 from conftest import faults, run_cli, run_torchrun, tiny_overrides
 from engine import adapters, loop, modeling
-from engine.config import load_recipe
 from engine.distributed import Dist
 from engine.errors import AdapterError, RecipeError
 from engine.finetune import finetune
+from engine.recipe_yaml import load_recipe
 
 # GPT-2: its attention is a transformers Conv1D (weight stored transposed), 4-bit as a Linear4bit
 ARCHS = ["distilbert", "bert", "roberta", "gpt2"]

@@ -9,9 +9,10 @@ import pytest
 import tiny
 from conftest import tiny_overrides
 from engine.batching import tokenize
-from engine.config import RecipeError, load_recipe
+from engine.config import RecipeError
 from engine.errors import DataError
 from engine.finetune import finetune
+from engine.recipe_yaml import load_recipe
 from engine.sources import Examples
 
 WORDS = sorted(set(tiny.FILLER + tiny.POSITIVE + tiny.NEGATIVE))[:20]  # 20 distinct in-vocabulary words

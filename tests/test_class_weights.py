@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 
 from conftest import run_torchrun, tiny_overrides
 from engine import loop
-from engine.config import load_recipe
 from engine.distributed import Dist
 from engine.errors import DataError, RecipeError
 from engine.finetune import finetune
 from engine.precision import Precision
+from engine.recipe_yaml import load_recipe
 
 
 class _Linear(torch.nn.Module):

@@ -27,9 +27,10 @@ from engine.compare import (
     polarity_metrics,
     verdict,
 )
-from engine.config import DataConfig, load_recipe
+from engine.config import DataConfig
 from engine.errors import ModelError, RecipeError
 from engine.metrics import brier_score, expected_calibration_error, reliability_bins
+from engine.recipe_yaml import load_recipe
 from engine.sources import load_splits
 
 STARS = {i: f"{i + 1} star" + ("s" if i else "") for i in range(5)}

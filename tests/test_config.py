@@ -1,8 +1,9 @@
 import pytest
 
 from conftest import ROOT, run_cli
-from engine.config import Recipe, dump_recipe, load_recipe
+from engine.config import Recipe
 from engine.errors import RecipeError
+from engine.recipe_yaml import dump_recipe, load_recipe
 
 
 def test_defaults_are_the_seed_experiment():

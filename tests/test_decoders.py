@@ -9,10 +9,11 @@ import torch
 import tiny
 from conftest import tiny_overrides
 from engine.batching import Tokenized, collate, model_inputs
-from engine.config import ModelConfig, load_recipe
+from engine.config import ModelConfig
 from engine.distributed import transformer_blocks
 from engine.finetune import finetune
 from engine.modeling import enable_activation_checkpointing, load_model, load_tokenizer
+from engine.recipe_yaml import load_recipe
 
 BLOCKS = {"llama": "LlamaDecoderLayer", "qwen2": "Qwen2DecoderLayer", "gemma3": "Gemma3DecoderLayer",
           "mistral": "MistralDecoderLayer", "phi3": "Phi3DecoderLayer", "gpt2": "GPT2Block"}

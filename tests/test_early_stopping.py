@@ -6,9 +6,9 @@ import signal
 import pytest
 
 from conftest import faults, run_cli, tiny_overrides
-from engine.config import load_recipe
 from engine.errors import RecipeError
 from engine.finetune import finetune
+from engine.recipe_yaml import load_recipe
 
 # tiny data at this lr: eval accuracy reaches 1.0 at epoch 2 and cannot improve after it, while the
 # eval loss keeps falling for all 10 epochs

@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 import tiny
 from conftest import run_cli, run_torchrun, tiny_overrides
 from engine import adapters
-from engine.config import ModelConfig, load_recipe
+from engine.config import ModelConfig
 from engine.distributed import transformer_blocks
 from engine.finetune import finetune
 from engine.modeling import ModelError, load_model
+from engine.recipe_yaml import load_recipe
 
 NAMES = {0: "negative", 1: "positive"}
 FAMILIES = tiny.FAMILIES

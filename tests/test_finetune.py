@@ -6,10 +6,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli, tiny_overrides
-from engine.config import DataConfig, load_recipe
+from engine.config import DataConfig
 from engine.errors import OutputDirError
 from engine.evaluation import evaluate_pretrained
 from engine.finetune import finetune
+from engine.recipe_yaml import load_recipe
 
 
 @pytest.fixture(scope="module")

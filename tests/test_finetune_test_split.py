@@ -4,8 +4,9 @@ import json
 import pytest
 
 from conftest import run_cli, tiny_overrides
-from engine.config import RecipeError, load_recipe
+from engine.config import RecipeError
 from engine.finetune import finetune
+from engine.recipe_yaml import load_recipe
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from conftest import run_cli, tiny_overrides
-from engine.config import DataConfig, Recipe, load_recipe
+from engine.config import DataConfig, Recipe
 from engine.errors import DataError, RecipeError
+from engine.recipe_yaml import load_recipe
 from engine.sources import load_splits
 
 rng = random.Random(1234)

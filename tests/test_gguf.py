@@ -8,10 +8,11 @@ from safetensors.torch import load_file
 
 import tiny
 from conftest import tiny_overrides
-from engine.config import ModelConfig, load_recipe
+from engine.config import ModelConfig
 from engine.finetune import finetune
 from engine.modeling import load_model, load_tokenizer
 from engine.paths import resolve
+from engine.recipe_yaml import load_recipe
 
 pytest.importorskip("gguf")
 

@@ -3,8 +3,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
-from engine.config import load_recipe
 from engine.finetune import finetune
+from engine.recipe_yaml import load_recipe
 
 
 def _train(tiny_bert, tiny_data, out, *extra):

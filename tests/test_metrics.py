@@ -81,3 +81,18 @@ def test_confusion_rows_are_true_classes_columns_predictions():
     neg, pos = m["per_class"]["neg"], m["per_class"]["pos"]
     assert (neg["precision"], neg["recall"], pos["precision"]) == (pytest.approx(1 / 3), 1.0, 1.0)
     assert pos["recall"] == pytest.approx(1 / 3) and (neg["support"], pos["support"]) == (1, 3)
+
+
+def test_a_resumed_run_states_the_steps_it_timed_and_has_no_rates_without_any():
+    from engine.metrics import timed_steps
+
+    summary = {"steps": 48, "steps_per_epoch": 24, "train_seconds": 3.8, "samples": 304, "samples_per_s": 80.0,
+               "real_tokens_per_s": 900.0, "padded_tokens_per_s": 1000.0, "padding_share": 0.1, "skipped_steps": 0}
+    resumed = timed_steps(summary, 10)  # resumed at step 10: this process timed 38 steps
+    assert (resumed["resumed_at_step"], resumed["steps_timed"], resumed["samples_per_s"]) == (10, 38, 80.0)
+    assert timed_steps(summary, 0)["steps_timed"] == 48
+    # resumed from the run's last checkpoint: nothing timed, so no rate rather than 0 samples/s
+    last = timed_steps({**summary, "samples": 0, "samples_per_s": 0.0, "train_seconds": 0.0}, 48)
+    assert last["steps_timed"] == 0
+    assert [last[k] for k in ("samples_per_s", "real_tokens_per_s", "padded_tokens_per_s", "padding_share")] == \
+        [None] * 4

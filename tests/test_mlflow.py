@@ -6,9 +6,9 @@ import json
 import pytest
 
 from conftest import run_cli, tiny_overrides
-from engine.config import load_recipe
 from engine.errors import RecipeError
 from engine.finetune import finetune
+from engine.recipe_yaml import load_recipe
 
 
 def test_a_run_is_read_back_with_mlflows_client(tiny_bert, tiny_data, tmp_path, monkeypatch):

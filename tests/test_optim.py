@@ -8,10 +8,11 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import tiny_overrides
-from engine.config import TrainConfig, load_recipe
+from engine.config import TrainConfig
 from engine.errors import RecipeError
 from engine.finetune import finetune
 from engine.optim import build_optimizer, build_schedule, lr_schedule
+from engine.recipe_yaml import load_recipe
 
 
 def _lrs(make_schedule, steps: int) -> list[float]:

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from engine import precision
-from engine.config import load_recipe
 from engine.paths import user_cache_dir
+from engine.recipe_yaml import load_recipe
 
 CPU = torch.device("cpu")
 

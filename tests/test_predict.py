@@ -10,8 +10,8 @@ import torch
 
 import tiny
 from conftest import run_cli, tiny_overrides
-from engine.config import load_recipe
 from engine.finetune import finetune
+from engine.recipe_yaml import load_recipe
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ import pytest
 import tiny
 from conftest import tiny_overrides
 from engine.batching import tokenize
-from engine.config import DataConfig, load_recipe
+from engine.config import DataConfig
 from engine.errors import DataError
 from engine.finetune import finetune
+from engine.recipe_yaml import load_recipe
 from engine.sources import load_splits
 
 

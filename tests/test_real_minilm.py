@@ -4,7 +4,7 @@ import json
 import numpy as np
 
 from conftest import SHARED_DATA, needs_minilm, needs_shared_data, run_cli
-from engine.config import load_recipe
+from engine.recipe_yaml import load_recipe
 from engine.sources import load_splits
 
 

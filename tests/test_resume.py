@@ -103,7 +103,8 @@ def test_refusals(reference, tiny_bert_dropout, tiny_data, tmp_path):
     # a checkpoint of another recipe shape
     p = run_cli(*args(tiny_bert_dropout, tiny_data, out, "train.batch_size=4"), "--resume", "auto")
     assert p.returncode == 2
-    assert p.stderr.strip().endswith("written by a different run (batch_size was 8, now 4)")
+    assert p.stderr.strip().endswith("train.batch_size was 8 when this checkpoint was written, now 4; "
+                                     "it may not change on resume (set it back, or start over with --overwrite)")
     # a truncated checkpoint file
     shard = out / "checkpoints" / "step-10" / "shard-0.safetensors"
     shard.write_bytes(shard.read_bytes()[:1000])

@@ -1,6 +1,6 @@
 """The compare recipe: which models, phrases and datasets, and how to score them.
 
-Loaded with engine.config.load_recipe(path, overrides, schema=CompareRecipe).
+Loaded with engine.recipe_yaml.load_recipe(path, overrides, schema=CompareRecipe).
 """
 from __future__ import annotations
 

@@ -30,9 +30,9 @@ from engine.compare.polarity import (
 from engine.compare.recipe import CompareRecipe
 from engine.compare.report import format_params, summarise, write_plots, write_reports
 from engine.compare.scorers import Scorer, labels_of, load_scorer, own_scores
-from engine.config import dump_recipe, to_dict
 from engine.errors import RecipeError
 from engine.metrics import reliability_bins, softmax
+from engine.recipe_yaml import dump_recipe, to_dict
 
 
 def _log(msg: str) -> None:

@@ -234,7 +234,7 @@ def test_cpu_kinds_needs_no_edit_per_machine():
         levers = ("precision", "group_by_length", "strategy", "nproc", "steps", "batch_size", "data", "repeats")
         assert {k: engine[k] for k in levers} == {k: trainer[k] for k in levers} and engine["repeats"] == 3
     demo = rows["demo-as-shipped"]
-    from engine.config import load_recipe
+    from engine.recipe_yaml import load_recipe
     shipped = load_recipe(ROOT / "recipes" / "demo_minilm_imdb.yaml")
     assert (demo["strategy"], demo["max_length"], demo["data"]["train_size"], demo["epochs"], demo["batch_size"]) == \
            (shipped.distributed.strategy, shipped.data.max_length, shipped.data.train_size, shipped.train.epochs,

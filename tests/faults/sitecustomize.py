@@ -7,6 +7,9 @@ FAULT_NAN_AT_STEP   the loss of optimizer step N is NaN
 FAULT_KILL_IN_SAVE  SIGKILL itself inside the N-th safetensors file write
 FAULT_RAISE_AT_STEP raise RuntimeError just before optimizer step N
 FAULT_KILL_AT_LOAD   SIGKILL itself at the start of the N-th model load (from_pretrained)
+FAULT_TERM_AT_LOAD   send itself SIGTERM at the start of the N-th model load
+FAULT_TERM_PARENT_AT_LOAD  send its parent (torchrun) SIGTERM at the start of the N-th model load,
+                    then wait up to 10 s for the SIGTERM torchrun passes on
 FAULT_LOG_LOADS     append "rank path" to this file at each model load
 FAULT_LOG_DROPOUT   append "rank bits" to this file: the first training dropout's first 256 mask bits
 FAULT_OWN_DISK      this rank's output_dir=... becomes output_dir=...-<rank>: a node whose path
@@ -73,7 +76,8 @@ if _active and any(_n(k) for k in ("FAULT_KILL_AT_STEP", "FAULT_TERM_AT_STEP", "
 
         st.save_file = save_file
 
-if _active and (_n("FAULT_KILL_AT_LOAD") or os.environ.get("FAULT_LOG_LOADS")):
+if _active and (_n("FAULT_KILL_AT_LOAD") or _n("FAULT_TERM_AT_LOAD") or _n("FAULT_TERM_PARENT_AT_LOAD")
+                or os.environ.get("FAULT_LOG_LOADS")):
     import transformers.modeling_utils as mu
 
     loads = [0]
@@ -86,6 +90,13 @@ if _active and (_n("FAULT_KILL_AT_LOAD") or os.environ.get("FAULT_LOG_LOADS")):
                 fh.write(f"{os.environ.get('RANK', '0')} {path}\n")
         if loads[0] == _n("FAULT_KILL_AT_LOAD"):
             os.kill(os.getpid(), signal.SIGKILL)
+        if loads[0] == _n("FAULT_TERM_AT_LOAD"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        if loads[0] == _n("FAULT_TERM_PARENT_AT_LOAD"):
+            import time
+
+            os.kill(os.getppid(), signal.SIGTERM)
+            time.sleep(10)
         return real_from_pretrained(cls, path, *a, **k)
 
     mu.PreTrainedModel.from_pretrained = classmethod(from_pretrained)
