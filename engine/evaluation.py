@@ -166,7 +166,7 @@ def evaluate_saved(model: str, rows: RowsAsked, asked: dict, base: str | None = 
     size in its run_settings.json), each given flag (`rows`, `asked`; None: not given) overriding
     one setting, with a note saying so. Every input is checked before anything is printed."""
     loaded = classifiers.load(model, base, trust_remote_code)
-    reading, notes = run_settings.reading(loaded.settings, asked, default_precision="fp32")
+    reading, notes = run_settings.reading(loaded.settings, asked, "fp32", modeling.max_positions(loaded.model))
     modeling.check_max_length(loaded.model, reading.max_length, model, key="--max-length")
     examples, split, row_notes = run_settings.select_rows(loaded.settings, rows, loaded.label_names)
     for note in notes + row_notes:

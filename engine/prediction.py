@@ -177,7 +177,7 @@ def label_file(model_spec: str, input_path: str, output_path: str, *, base: str 
     loaded = classifiers.load(model_spec, base, trust_remote_code)
     asked = {"max_length": max_length, "truncation": truncation, "head_tokens": head_tokens,
              "batch_size": batch_size, "precision": precision}
-    reading, notes = run_settings.reading(loaded.settings, asked, default_precision="auto")
+    reading, notes = run_settings.reading(loaded.settings, asked, "auto", modeling.max_positions(loaded.model))
     modeling.check_max_length(loaded.model, reading.max_length, model_spec, key="--max-length")
     names = loaded.label_names
     clash = next((c for c in source.keep if c in own_columns(out, names)), None)

@@ -130,11 +130,15 @@ def say(note: str) -> None:
     print(note, file=sys.stderr, flush=True)
 
 
-def reading(settings: RunSettings | None, asked: dict, default_precision: str) -> tuple[Reading, list[str]]:
+def reading(settings: RunSettings | None, asked: dict, default_precision: str,
+            positions: int | None = None) -> tuple[Reading, list[str]]:
     """Each READING setting: the flag where one was given (`asked`, None: not given), else the run's,
-    else DEFAULTS; and a note for each flag that changes what the run did."""
+    else DEFAULTS (max_length no more than the model's `positions`); and a note for each flag that
+    changes what the run did."""
     values, notes = {}, []
     defaults = {**DEFAULTS, "precision": default_precision}
+    if positions is not None:  # a hub model with a shorter position table is read to its end, not refused
+        defaults["max_length"] = min(defaults["max_length"], positions)
     for key, (flag, recipe_key) in READING.items():
         ran = getattr(settings, key) if settings else None
         given = asked.get(key)

@@ -29,7 +29,8 @@ def main() -> int:
     p.add_argument("--label-column", help="default: the run's data.label_column, else label")
     p.add_argument("--label-names", type=cli.names,
                    help="comma-separated class names for string labels, in model order")
-    p.add_argument("--max-length", type=cli.count, help="default: the run's data.max_length, else 512")
+    p.add_argument("--max-length", type=cli.count,
+                   help="default: the run's data.max_length, else 512 (or the model's positions)")
     p.add_argument("--truncation", choices=["head", "tail", "head_tail"],
                    help="default: the run's data.truncation, else head")
     p.add_argument("--head-tokens", type=cli.count, help="head_tail: default the run's data.head_tokens, else 128")
@@ -59,8 +60,8 @@ def main() -> int:
     metrics = evaluate_saved(args.model, rows, asked, base=args.base, trust_remote_code=args.trust_remote_code)
     if args.output:
         write_json_atomic(args.output, metrics)
-    print(json.dumps({k: metrics[k] for k in ("model", "data", "split", "n", "accuracy", "f1", "loss", "ece")},
-                     indent=2))
+    keys = ("model", "data", "split", "n", "accuracy", "f1", "loss", "ece", "read_as")
+    print(json.dumps({k: metrics[k] for k in keys}, indent=2))
     return 0
 
 

@@ -30,7 +30,8 @@ def main() -> int:
     p.add_argument("--keep-columns", type=cli.names, default=(),
                    help="comma-separated input columns copied into the output (e.g. id), so rows join back")
     p.add_argument("--encoding", default="utf-8", type=cli.encoding)
-    p.add_argument("--max-length", type=cli.count, help="default: the run's data.max_length, else 512")
+    p.add_argument("--max-length", type=cli.count,
+                   help="default: the run's data.max_length, else 512 (or the model's positions)")
     p.add_argument("--truncation", choices=["head", "tail", "head_tail"],
                    help="default: the run's data.truncation, else head")
     p.add_argument("--head-tokens", type=cli.count, help="head_tail: default the run's data.head_tokens, else 128")

@@ -102,9 +102,11 @@ def test_without_run_settings_data_is_needed_and_a_single_file_is_one_split(tiny
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "error: --data is needed: the model carries no run settings naming its data"]
     pd.read_parquet(f"{tiny_data}/test.parquet").to_csv(tmp_path / "one.csv", index=False)
-    p = _evaluate("--model", tiny_bert, "--data", tmp_path / "one.csv", "--max-length", "32")
+    p = _evaluate("--model", tiny_bert, "--data", tmp_path / "one.csv")
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout)["n"] == 33  # every row of the file
+    # read to the end of the model's 128 positions (the 512 default was refused outright)
+    assert json.loads(p.stdout)["read_as"]["max_length"] == 128
     p = _evaluate("--model", tiny_bert, "--data", tmp_path / "one.csv", "--split", "test", "--max-length", "32")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
     assert "--split" in p.stderr and "data." not in p.stderr  # advice in the flags evaluate has
