@@ -9,24 +9,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from engine import checkpoint, modeling
+from engine import checkpoint, modeling, run_settings
 from engine.config import Recipe
 from engine.errors import AdapterError
 from engine.precision import DTYPES
-
-# Importing bitsandbytes (peft does, for LoRA too) on an AVX512-BF16 CPU fetches an optional 4-bit
-# kernel through the `kernels` package. bitsandbytes warns when that package is missing (its fallback
-# works); with HF_HUB_OFFLINE=1 `kernels` warns that it skips the publisher check of the cached
-# kernel. Neither is ours to act on, and a stray line would break the one-line error of bad input.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-logging.getLogger("kernels").setLevel(logging.ERROR)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # the layers that get adapters when peft.target_modules is not set, by config.model_type. Encoders
@@ -220,7 +212,8 @@ def check_trainable(peft_model: nn.Module, head: list[str]) -> None:
 
 def export(trained: nn.Module, state: dict, base: Path, dest: Path, tokenizer, recipe: Recipe) -> dict:
     """Write `dest/adapter/` and the merged `dest/tuned/` from the trained weights in `state`;
-    the adapter goes on `base` (base/), and names it.
+    the adapter goes on `base` (base/), and names it; its run_settings.json also holds base/'s
+    weights digest, so it is never put on another base (engine/classifiers.py).
 
     The adapter is put on base/ reloaded in full precision, not on the model that trained: that
     is the same for LoRA, and for QLoRA it is the only way to a full-precision merge (merging into
@@ -248,6 +241,9 @@ def export(trained: nn.Module, state: dict, base: Path, dest: Path, tokenizer, r
     tmp = checkpoint.atomic_dir(final)
     try:
         fresh.save_pretrained(tmp, safe_serialization=True)
+        names = modeling.label_names_of(fresh.get_base_model())
+        base_sha = checkpoint.file_sha256(Path(base) / checkpoint.WEIGHTS)
+        run_settings.write(tmp, run_settings.settings_of(recipe, names, base_sha256=base_sha))
         checkpoint.commit_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -257,5 +253,5 @@ def export(trained: nn.Module, state: dict, base: Path, dest: Path, tokenizer, r
             "target_modules": targets if isinstance(targets, str) else sorted(targets),
             "modules_to_save": saved_modules(fresh)}
     merged = fresh.merge_and_unload()
-    info["tuned_sha256"] = checkpoint.save_snapshot(merged, tokenizer, Path(dest) / "tuned")
+    info["tuned_sha256"] = checkpoint.save_snapshot(merged, tokenizer, Path(dest) / "tuned", recipe=recipe)
     return info

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from engine import run_settings
 from engine.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
@@ -33,13 +34,17 @@ def commit_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def save_snapshot(model, tokenizer, folder: str | Path, state_dict=None) -> str:
-    """Write model + tokenizer to `folder` (save_pretrained layout); return the weights' sha256."""
+def save_snapshot(model, tokenizer, folder: str | Path, state_dict=None, recipe=None) -> str:
+    """Write model + tokenizer to `folder` (save_pretrained layout); return the weights' sha256.
+    `recipe` (as it runs): also how the run reads and scores text (engine/run_settings.py)."""
     final = Path(folder)
     tmp = atomic_dir(final)
     try:
         model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if recipe is not None:
+            names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+            run_settings.write(tmp, run_settings.settings_of(recipe, names))
         commit_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,23 +6,29 @@ into dataset order, so every example counts exactly once whatever the world size
 A base model's score depends only on its weights, the eval examples as tokenized and how they are
 run (precision, batch size, ...): `cached_score` keeps it under the user cache, so a sweep of runs
 from one base scores it once.
+
+`evaluate_saved` is launch/evaluate.py: a saved classifier scored on the rows and in the way its run
+scored it (engine/run_settings.py), unless a flag says otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from engine import batching, modeling, sources
+from engine import batching, classifiers, modeling, run_settings, sources
+from engine import precision as precision_lib
 from engine.batching import Tokenized, collate, eval_batches, model_inputs
-from engine.config import ModelConfig
 from engine.distributed import Dist
 from engine.metrics import classification_metrics
 from engine.paths import user_cache_dir, write_json_atomic
 from engine.precision import Precision
+from engine.run_settings import RowsAsked
 
 
 def predict(model, data: Tokenized, batch_size: int, precision, dist, pad_id: int,
@@ -116,18 +122,57 @@ def cached_score(key: dict | None, score: Callable[[], dict], dist, folder: Path
     return metrics, False
 
 
+@contextlib.contextmanager
+def token_folder(cache_dir: str | None = None):
+    """Where a scoring command (evaluate, predict) keeps its token store: `cache_dir` where one is
+    named, else a temporary folder removed afterwards. Such texts are seldom scored twice with the
+    same cut, so a store kept per call would pile up in the user cache without bound, and
+    tokenizing again costs little beside the forward passes."""
+    if cache_dir:
+        yield cache_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="sentiment-engine-tokens-") as folder:
+        yield folder
+
+
+def score_examples(loaded: classifiers.Loaded, examples: sources.Examples, cut: dict, batch_size: int,
+                   precision_name: str, cache_dir: str | None = None) -> dict:
+    """Metrics of a loaded classifier on labelled examples, one process; `cut`: max_length,
+    truncation, head_tokens."""
+    dist = Dist()
+    with token_folder(cache_dir) as folder:
+        tokens = batching.tokenize(examples, loaded.tokenizer, cut["max_length"], folder,
+                                   truncation=cut["truncation"], head_tokens=cut["head_tokens"])
+        return evaluate(loaded.model.to(dist.device), tokens, loaded.label_names, batch_size,
+                        Precision(precision_name, dist.device), dist, loaded.tokenizer.pad_token_id,
+                        loaded.tokenizer.padding_side == "left")
+
+
 def evaluate_pretrained(model_path: str, data_cfg, split: str, batch_size: int = 64,
                         precision_name: str = "fp32", trust_remote_code: bool = False) -> dict:
-    """Load any saved or hub classifier and evaluate it on one split, labels read from its config."""
-    mcfg = ModelConfig(name_or_path=model_path, trust_remote_code=trust_remote_code)
-    tokenizer = modeling.load_tokenizer(mcfg)
-    model = modeling.load_model(mcfg, tokenizer=tokenizer)
-    modeling.check_max_length(model, data_cfg.max_length, model_path, key="--max-length")
-    names = modeling.label_names_of(model)
-    examples = sources.load_eval_split(data_cfg, split, data_cfg.label_names or names)
-    tokens = batching.tokenize(examples, tokenizer, data_cfg.max_length, data_cfg.cache_dir,
-                               truncation=data_cfg.truncation, head_tokens=data_cfg.head_tokens)
-    dist = Dist()
-    metrics = evaluate(model, tokens, names, batch_size, Precision(precision_name, dist.device), dist,
-                       tokenizer.pad_token_id, tokenizer.padding_side == "left")
+    """Load any saved or hub classifier and evaluate it on one split of `data_cfg` as given (its cut,
+    the whole split or a seeded eval_size subset), labels read from its config."""
+    loaded = classifiers.load(model_path, trust_remote_code=trust_remote_code)
+    modeling.check_max_length(loaded.model, data_cfg.max_length, model_path, key="--max-length")
+    examples = sources.load_eval_split(data_cfg, split, data_cfg.label_names or loaded.label_names)
+    cut = {"max_length": data_cfg.max_length, "truncation": data_cfg.truncation, "head_tokens": data_cfg.head_tokens}
+    metrics = score_examples(loaded, examples, cut, batch_size, precision_name, data_cfg.cache_dir)
     return {**metrics, "model": model_path, "data": examples.origin, "split": split}
+
+
+def evaluate_saved(model: str, rows: RowsAsked, asked: dict, base: str | None = None,
+                   trust_remote_code: bool = False, say: Callable[[str], None] = run_settings.say) -> dict:
+    """launch/evaluate.py: `model` scored as its run scored it (the rows, cut, precision and batch
+    size in its run_settings.json), each given flag (`rows`, `asked`; None: not given) overriding
+    one setting, with a note saying so. Every input is checked before anything is printed."""
+    loaded = classifiers.load(model, base, trust_remote_code)
+    reading, notes = run_settings.reading(loaded.settings, asked, "fp32", modeling.max_positions(loaded.model))
+    modeling.check_max_length(loaded.model, reading.max_length, model, key="--max-length")
+    examples, split, row_notes = run_settings.select_rows(loaded.settings, rows, loaded.label_names)
+    for note in notes + row_notes:
+        say(note)
+    choice = precision_lib.choose(reading.precision, Dist().device, say=say, key="--precision")
+    metrics = score_examples(loaded, examples, reading.as_dict(), reading.batch_size, choice.name)
+    return {**metrics, "model": model, **({"base": loaded.base} if loaded.base else {}),
+            "data": examples.origin, "split": split, "read_as": {**reading.as_dict(), "precision": choice.name},
+            "settings": str(loaded.settings.file) if loaded.settings else None, "overrides": notes + row_notes}

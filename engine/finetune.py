@@ -170,7 +170,7 @@ def save_base(run: Run, model: nn.Module, tokenizer) -> str | None:
     if not run.dist.is_main:
         return None
     with run.parts.part("save"):
-        return checkpoint.save_snapshot(model, tokenizer, run.out / "base")
+        return checkpoint.save_snapshot(model, tokenizer, run.out / "base", recipe=run.recipe)
 
 
 def convert(run: Run, model: nn.Module) -> nn.Module:
@@ -307,7 +307,7 @@ def export_tuned(run: Run, model: nn.Module, tokenizer) -> tuple[str | None, dic
                                        run.recipe)
             return exported["tuned_sha256"], exported
         return checkpoint.save_snapshot(dist.unwrap(model), tokenizer, staging(run.out) / "tuned",
-                                        state_dict=weights), None
+                                        state_dict=weights, recipe=run.recipe), None
 
 
 def final_scores(run: Run, data: RunData, base_metrics: dict, base_reused: bool, chosen: dict,

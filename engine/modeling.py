@@ -1,6 +1,7 @@
 """Load a sequence-classification model and its tokenizer by hub name or local folder."""
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -10,6 +11,15 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from engine.config import ModelConfig
 from engine.errors import MissingPackageError, ModelError, RecipeError
 from engine.paths import resolve
+
+# Importing bitsandbytes (peft does, for LoRA too; predict and evaluate for an adapter/) on an
+# AVX512-BF16 CPU fetches an optional 4-bit kernel through the `kernels` package. bitsandbytes warns
+# when that package is missing (its fallback works), or that it "could not verify publisher trust
+# status"; with HF_HUB_OFFLINE=1 `kernels` warns that it skips the publisher check of the cached
+# kernel. None is ours to act on, and a stray line would break the one-line error of bad input.
+# Here, in the module every model load goes through, so every command gets it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("kernels").setLevel(logging.ERROR)
 
 
 def _location(cfg: ModelConfig) -> str:

@@ -49,9 +49,10 @@ class Choice:
 
 def choose(requested: str, device: torch.device, broadcast: Callable = lambda x: x,
            say: Callable[[str], None] = print, main: bool = True,
-           probe: Callable[[str, int], float] | None = None) -> Choice:
+           probe: Callable[[str, int], float] | None = None, key: str = "train.precision") -> Choice:
     """Resolve `requested` for this device. On CPU the matmul ratio is measured once per machine
-    (cached); the main rank measures and `broadcast` hands its answer to the others, so all agree."""
+    (cached); the main rank measures and `broadcast` hands its answer to the others, so all agree.
+    `key`: what the user set it with, for the note (a recipe key, or predict's --precision)."""
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported(including_emulation=False)
         if requested == "auto":
@@ -69,8 +70,8 @@ def choose(requested: str, device: torch.device, broadcast: Callable = lambda x:
                       f"auto: bf16 matmul only {ratio:.2f}x fp32 on this CPU (emulated), so fp32")
     if ratio < NATIVE_RATIO:  # still runs (memory may be why it was asked for), but say what it costs
         speed = f"{1 / ratio:.1f}x slower" if ratio < 1 else "little faster"
-        say(f"note: train.precision={requested} on this CPU runs matmuls at {ratio:.2f}x fp32 ({speed}: "
-            f"emulated, or not native); train.precision=auto would choose fp32")
+        say(f"note: {key}={requested} on this CPU runs matmuls at {ratio:.2f}x fp32 ({speed}: "
+            f"emulated, or not native); {key}=auto would choose fp32")
     return Choice(requested, requested, ratio, f"{requested} matmul {ratio:.2f}x fp32 on this CPU")
 
 

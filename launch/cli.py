@@ -38,6 +38,14 @@ def count(text: str) -> int:
     return value
 
 
+def names(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated names (columns, classes), none of them empty."""
+    parts = tuple(part.strip() for part in text.split(","))
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return parts
+
+
 def encoding(text: str) -> str:
     """An argparse type: a text encoding Python knows (utf-8, latin-1, ...)."""
     import codecs

@@ -1,6 +1,15 @@
-"""Evaluate any classifier (a base/ or tuned/ snapshot, or a hub name) on a dataset split.
+"""Evaluate any classifier (a base/ or tuned/ snapshot, an adapter/ folder, or a hub name) on labelled rows.
 
-    python launch/evaluate.py --model runs/demo/tuned --data ../shared/data/imdb [--split test] [--output FILE]
+    python launch/evaluate.py --model runs/demo/tuned [--output FILE]
+    python launch/evaluate.py --model runs/demo/tuned --data ../shared/data/imdb --split test [--size 1000]
+
+A run's snapshot carries how its run read text and which rows it scored (run_settings.json): with
+no data flags the rows of its metrics.json's base and tuned figures (data.test_split, else the eval
+split or the held-out rows) are scored as the run scored them (cut, precision, eval batch size),
+reproducing those figures. A flag given overrides that one setting, and says so: --split of the
+run's eval or test split with --size N takes the subset a run with that size took (its seed);
+another split, or another --data source, is read whole, or a seeded --size subset. A model without
+run settings (a hub name) needs --data; a single-file source is one split (all its rows).
 """
 import json
 from pathlib import Path
@@ -10,26 +19,27 @@ import cli
 
 def main() -> int:
     p = cli.ArgumentParser(__doc__)
-    p.add_argument("--model", required=True, help="snapshot folder, hub name or package://pkg/path")
-    p.add_argument("--data", required=True, help="data source, as data.source in a recipe")
-    p.add_argument("--split", default="test")
+    p.add_argument("--model", required=True, help="snapshot folder, adapter/ folder, hub name or package://pkg/path")
+    p.add_argument("--base", help="the model an adapter/ goes on (as launch/predict.py --base)")
+    p.add_argument("--data", help="data source, as data.source in a recipe (default: the run's)")
+    p.add_argument("--split", help="default: the split the run's figures are on, else test")
+    p.add_argument("--size", type=cli.count, help="a seeded, stratified subset of this size")
     p.add_argument("--output", help="write the metrics JSON here")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--label-names", help="comma-separated class names for string labels, in model order")
-    p.add_argument("--max-length", type=cli.count, default=512)
-    p.add_argument("--truncation", default="head", choices=["head", "tail", "head_tail"],
-                   help="as data.truncation in the recipe the model was trained with")
-    p.add_argument("--head-tokens", type=cli.count, default=128, help="as data.head_tokens (head_tail)")
-    p.add_argument("--size", type=cli.count, help="evaluate a seeded, stratified subset of this size")
-    p.add_argument("--batch-size", type=cli.count, default=64)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--encoding", default="utf-8", type=cli.encoding)
+    p.add_argument("--text-column", help="default: the run's data.text_column, else text")
+    p.add_argument("--label-column", help="default: the run's data.label_column, else label")
+    p.add_argument("--label-names", type=cli.names,
+                   help="comma-separated class names for string labels, in model order")
+    p.add_argument("--max-length", type=cli.count,
+                   help="default: the run's data.max_length, else 512 (or the model's positions)")
+    p.add_argument("--truncation", choices=["head", "tail", "head_tail"],
+                   help="default: the run's data.truncation, else head")
+    p.add_argument("--head-tokens", type=cli.count, help="head_tail: default the run's data.head_tokens, else 128")
+    p.add_argument("--batch-size", type=cli.count, help="default: the run's train.eval_batch_size, else 64")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="default: the precision the run scored in, else fp32")
+    p.add_argument("--encoding", type=cli.encoding, help="default: the run's data.encoding, else utf-8")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args()
-    if args.truncation == "head_tail" and args.head_tokens >= args.max_length:
-        p.error(f"--head-tokens ({args.head_tokens}) must be below --max-length ({args.max_length}) "
-                f"to leave room for the tail")
     if args.output:  # found out now, not after minutes of scoring
         from engine.paths import uncreatable
 
@@ -38,19 +48,20 @@ def main() -> int:
             p.error(f"--output {args.output} cannot be written ({why})")
 
     # the engine loads only now, after argparse: --help and usage errors answer without importing torch
-    from engine.config import DataConfig
-    from engine.evaluation import evaluate_pretrained
+    from engine.evaluation import evaluate_saved
     from engine.paths import write_json_atomic
+    from engine.run_settings import RowsAsked
 
-    data_cfg = DataConfig(source=args.data, text_column=args.text_column, label_column=args.label_column,
-                          max_length=args.max_length, encoding=args.encoding, eval_size=args.size,
-                          truncation=args.truncation, head_tokens=args.head_tokens,
-                          label_names=args.label_names.split(",") if args.label_names else None)
-    metrics = evaluate_pretrained(args.model, data_cfg, args.split, args.batch_size, args.precision,
-                                  args.trust_remote_code)
+    rows = RowsAsked(source=args.data, split=args.split, size=args.size, text_column=args.text_column,
+                     label_column=args.label_column, encoding=args.encoding,
+                     label_names=list(args.label_names) if args.label_names else None)
+    asked = {"max_length": args.max_length, "truncation": args.truncation, "head_tokens": args.head_tokens,
+             "batch_size": args.batch_size, "precision": args.precision}
+    metrics = evaluate_saved(args.model, rows, asked, base=args.base, trust_remote_code=args.trust_remote_code)
     if args.output:
         write_json_atomic(args.output, metrics)
-    print(json.dumps({k: metrics[k] for k in ("model", "data", "n", "accuracy", "f1", "loss", "ece")}, indent=2))
+    keys = ("model", "data", "split", "n", "accuracy", "f1", "loss", "ece", "read_as")
+    print(json.dumps({k: metrics[k] for k in keys}, indent=2))
     return 0
 
 

@@ -129,7 +129,7 @@ def test_adapter_files_and_pipeline(lora_runs):
     from transformers import pipeline
     r = lora_runs["distilbert"]
     assert sorted(p.name for p in (r.out / "adapter").iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "run_settings.json"]
     config = json.loads((r.out / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16
     assert config["base_model_name_or_path"] == str(r.out / "base")
