@@ -10,6 +10,7 @@ import json
 import os
 import queue
 import threading
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,9 @@ import numpy as np
 import torch
 
 from engine import paths
+from engine.columns import chunks
 from engine.errors import DataError
-from engine.sources import Examples, chunks
+from engine.sources import Examples
 
 # --------------------------------------------------------------------------------------------
 # Tokenization, cached
@@ -142,12 +144,12 @@ def write_store(store: Path, encoded: Iterator[list], dtype, vocab_size: int) ->
     """Write the chunks of token-id lists to temporary files, fsync, rename; the header last."""
     header_file = store.with_suffix(store.suffix + ".json")
     header_file.unlink(missing_ok=True)  # a store being rebuilt is not trusted meanwhile
-    tmp = f".{os.getpid()}.tmp"
-    ids_tmp = store.with_suffix(store.suffix + ".ids" + tmp)
-    offsets_tmp = store.with_suffix(store.suffix + ".offsets" + tmp + ".npy")
+    ids_file, offsets_file = store.with_suffix(store.suffix + ".ids"), store.with_suffix(store.suffix + ".offsets.npy")
+    # random temporary names: a pid in them would repeat on another host sharing the cache
+    ids_tmp, offsets_tmp = (p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp") for p in (ids_file, offsets_file))
     lengths = []
     try:
-        with open(ids_tmp, "wb") as f:
+        with open(ids_tmp, "xb") as f:
             for chunk in encoded:
                 n = np.fromiter(map(len, chunk), dtype=np.int64, count=len(chunk))
                 flat = np.fromiter(itertools.chain.from_iterable(chunk), dtype=np.int64, count=int(n.sum()))
@@ -159,12 +161,12 @@ def write_store(store: Path, encoded: Iterator[list], dtype, vocab_size: int) ->
             f.flush()
             os.fsync(f.fileno())
         offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths) if lengths else [])]).astype(np.int64)
-        with open(offsets_tmp, "wb") as f:
+        with open(offsets_tmp, "xb") as f:
             np.save(f, offsets, allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(ids_tmp, store.with_suffix(store.suffix + ".ids"))
-        os.replace(offsets_tmp, store.with_suffix(store.suffix + ".offsets.npy"))
+        os.replace(ids_tmp, ids_file)
+        os.replace(offsets_tmp, offsets_file)
         header = {"format": STORE_FORMAT, "dtype": np.dtype(dtype).name, "rows": len(offsets) - 1,
                   "tokens": int(offsets[-1]), "offsets_sha256": hashlib.sha256(offsets.tobytes()).hexdigest()}
         paths.write_json_atomic(header_file, header)

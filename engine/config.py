@@ -92,7 +92,7 @@ class DataConfig:
             raise RecipeError(f"{where}: 'data.encoding' {self.encoding!r} is not a known text encoding "
                               f"(utf-8, latin-1, ...)") from None
         if self.label_names is not None:
-            folded = [n.lower() for n in self.label_names]  # labels match their names case-blind
+            folded = [str(n).strip().lower() for n in self.label_names]  # engine/labels.py: fold
             if len(folded) < 2 or len(set(folded)) != len(folded):
                 raise RecipeError(f"{where}: 'data.label_names' must list at least two different class "
                                   f"names, got {self.label_names}")

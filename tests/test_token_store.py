@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import tiny
-from engine import batching, sources
+from engine import batching, columns, readers, sources
 from engine.batching import TokenRows, store_rows, tokenize
 from engine.config import DataConfig
 from engine.sources import Column, Examples, load_splits
@@ -156,8 +156,8 @@ def test_sources_are_read_in_chunks_and_kept_on_disk(tmp_path, monkeypatch):
     frame.to_csv(tmp_path / "test.csv", index=False)
     seen = []
     real = sources._select
-    monkeypatch.setattr(sources, "CHUNK_ROWS", 40)
-    monkeypatch.setattr(sources, "BATCH_ROWS", 16)
+    monkeypatch.setattr(readers, "CHUNK_ROWS", 40)
+    monkeypatch.setattr(columns, "BATCH_ROWS", 16)
     monkeypatch.setattr(sources, "_select", lambda f, *a: seen.append(len(f)) or real(f, *a))
     s = load_splits(DataConfig(source=str(tmp_path), train_size=60), seed=0)
     assert seen == [40, 40, 40, 10] * 2  # the parser never held more than a chunk
@@ -168,13 +168,15 @@ def test_sources_are_read_in_chunks_and_kept_on_disk(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").rglob("*.arrow"))  # nothing left on disk by the readers
 
 
-def test_a_killed_readers_column_file_is_removed_by_the_next(tmp_path):
-    folder = tmp_path / "cache" / "sentiment-engine" / "sources"  # conftest points XDG_CACHE_HOME here
-    folder.mkdir(parents=True)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    orphan = folder / f"{dead.stdout.strip()}.abc.arrow"
-    orphan.write_bytes(b"x" * 100)
-    mine = folder / f"{os.getpid()}.abc.arrow"  # a live process's file stays
-    mine.write_bytes(b"x")
-    sources._ColumnFile().close()
-    assert not orphan.exists() and mine.exists()
+def test_a_same_pid_writer_on_another_host_keeps_its_temporary_file(tmp_path):
+    # a cache shared by hosts: the other host's tokenizer may run under this process's pid; the
+    # temporary names were `<store>.ids.<pid>.tmp`, so this writer truncated and renamed its file
+    store = tmp_path / "abc.v1"
+    theirs = [tmp_path / f"abc.v1.ids.{os.getpid()}.tmp", tmp_path / f"abc.v1.offsets.{os.getpid()}.tmp.npy"]
+    for file in theirs:
+        file.write_bytes(b"another host's ids")
+    batching.write_store(store, iter([[[5, 6, 7], [8]]]), np.uint16, 10)
+    assert [x.tolist() for x in store_rows(store)] == [[5, 6, 7], [8]]
+    assert all(file.read_bytes() == b"another host's ids" for file in theirs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["abc.v1.ids", "abc.v1.offsets.npy", "abc.v1.json", *(f.name for f in theirs)])  # none of ours left

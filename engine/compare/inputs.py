@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import paths, sources
+from engine import paths, readers, sources
 from engine.compare.polarity import POLARITIES, map_labels
 from engine.compare.recipe import CompareData, CompareRecipe, Phrase
 from engine.config import DataConfig
 from engine.errors import DataError, RecipeError
+from engine.labels import label_ids
 from engine.sources import Examples
 
 
@@ -23,12 +24,12 @@ def load_phrases(recipe: CompareRecipe) -> list[Phrase]:
     if not paths.exists(path):
         raise DataError(f"{path}: phrases_file does not exist")
     if path.suffix.lower() == ".txt":
-        lines = sources.decode_file(path, "utf-8").splitlines()
+        lines = readers.decode_file(path, "utf-8").splitlines()
         return [Phrase(line.strip()) for line in lines if line.strip()]
-    if path.suffix.lower() not in sources.TABLE_SUFFIXES:
+    if path.suffix.lower() not in readers.TABLE_SUFFIXES:
         raise DataError(f"{path}: phrases_file must be .txt (one phrase a line) or "
-                        f"{'/'.join(sources.TABLE_SUFFIXES)} with columns text, expected")
-    frame = sources.read_table(path, "utf-8")
+                        f"{'/'.join(readers.TABLE_SUFFIXES)} with columns text, expected")
+    frame = readers.read_table(path, "utf-8")
     if "text" not in frame.columns:
         raise DataError(f"{path}: no column 'text'; columns: {', '.join(map(str, frame.columns))}")
     out = []
@@ -65,7 +66,7 @@ class EvalSet:
 
 def _labelled(cfg: DataConfig, split: str, names: list[str] | None):
     raw = sources.read_split(cfg, split)
-    names, ids = sources.label_ids(raw, cfg, names)
+    names, ids = label_ids(raw, cfg, names)
     return names, Examples(raw.texts, ids, raw.origin)
 
 
