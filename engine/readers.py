@@ -153,7 +153,7 @@ def _parse_errors_named(path: Path, frames: Iterator[pd.DataFrame]) -> Iterator[
 def read_table(path: Path, encoding: str) -> pd.DataFrame:
     """A small table whole (engine/compare's input files)."""
     frames = list(table_chunks(path, encoding))
-    if not frames:  # JSON lines that are all blank
+    if not frames or not len(frames[0].columns):  # JSON lines that are all blank
         raise DataError(f"{path}: no rows")
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
 

@@ -163,7 +163,7 @@ def where_matches(cells: pd.Series, value) -> np.ndarray:
     """The cells data.where keeps: equal to `value`, or spelling it (CSV and TSV cells are all text,
     JSON and parquet cells typed): compared as text, surrounding spaces aside, a boolean's case too,
     so 5 keeps "5" and 5, "5" keeps 5, true keeps "True"."""
-    hit = (cells == value).to_numpy(dtype=bool)
+    hit = (cells == value).to_numpy(dtype=bool, copy=True)
     spelled = _as_text(value)
     if spelled is not None:
         hit |= np.fromiter((_as_text(c) == spelled for c in cells), dtype=bool, count=len(cells))

@@ -7,7 +7,8 @@ import pytest
 from engine.config import DataConfig, ModelConfig
 from engine.errors import DataError
 from engine.metrics import classification_metrics
-from engine.sources import load_splits
+from engine.modeling import load_model
+from engine.sources import load_eval_split, load_splits
 
 TRAIN = ["Positive", "positive", "negative", "Negative"] * 5
 TEST = ["negative", "POSITIVE", " Negative ", "positive"]
@@ -29,26 +30,14 @@ def test_labels_differing_only_in_case_are_one_class(tmp_path, tiny_bert):
     assert s.train.labels.tolist() == [1, 1, 0, 0] * 5 and s.eval.labels.tolist() == [0, 1, 0, 1]
     perfect = np.eye(2)[s.eval.labels] * 5
     assert classification_metrics(perfect, s.eval.labels, s.label_names)["f1"] == 1.0
-    from engine.modeling import load_model
-
     assert load_model(ModelConfig(name_or_path=tiny_bert), s.label_names).config.num_labels == 2
-
-
-def test_label_names_given_in_another_case_match(tmp_path):
+    # data.label_names in another case: the recipe's order and spelling, every label reaching its class
     s = load_splits(DataConfig(source=_csv(tmp_path), label_names=["POSITIVE", "NEGATIVE"]), seed=0)
-    assert s.label_names == ["POSITIVE", "NEGATIVE"]  # the recipe's order and spelling
+    assert s.label_names == ["POSITIVE", "NEGATIVE"]
     assert s.train.labels.tolist() == [0, 0, 1, 1] * 5 and s.eval.labels.tolist() == [1, 0, 1, 0]
-
-
-def test_labels_without_case_twins_keep_their_sorted_names(tmp_path):
-    s = load_splits(DataConfig(source=_csv(tmp_path, ["pos", "Neg", "neutral"] * 3, ["Neg", "pos"])), seed=0)
-    assert s.label_names == ["Neg", "neutral", "pos"]  # sorted as stored, as before
-    assert s.eval.labels.tolist() == [0, 2]
 
 
 def test_class_names_that_no_label_could_tell_apart_are_refused(tmp_path):
     # evaluate.py maps a file's labels onto a model's names: two that differ in case only are one line
-    from engine.sources import load_eval_split
-
     with pytest.raises(DataError, match=r"test.csv: class names 'pos' and 'POS' differ only in case"):
         load_eval_split(DataConfig(source=_csv(tmp_path)), "test", ["neg", "pos", "POS"])

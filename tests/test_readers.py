@@ -27,7 +27,7 @@ def test_blank_json_lines_are_no_rows(tmp_path):
 
 
 @pytest.mark.parametrize("sep, suffix", [(",", "csv"), ("\t", "tsv")])
-def test_words_pandas_takes_for_missing_are_text(tmp_path, sep, suffix):
+def test_words_pandas_takes_for_missing_are_text_an_empty_cell_is_missing(tmp_path, sep, suffix):
     # a review that says "NA" or "None" stopped the run as "expected text, got nan"
     lines = ["text" + sep + "label"] + [f"{w}{sep}{['neg', 'NA'][i % 2]}" for i, w in enumerate(WORDS)]
     (tmp_path / f"train.{suffix}").write_text("\n".join(lines) + "\n")
@@ -35,10 +35,7 @@ def test_words_pandas_takes_for_missing_are_text(tmp_path, sep, suffix):
     assert list(s.train.texts) == WORDS
     assert s.label_names == ["NA", "neg"] and s.train.labels.tolist() == [1, 0] * 5  # a label can be "NA" too
     assert read_table(tmp_path / f"train.{suffix}", "utf-8")["text"].tolist() == WORDS
-
-
-@pytest.mark.parametrize("sep, suffix", [(",", "csv"), ("\t", "tsv")])
-def test_an_empty_cell_is_still_missing(tmp_path, sep, suffix):
+    # a truly empty cell is still missing, named with its file, row and column
     (tmp_path / f"train.{suffix}").write_text(f"text{sep}label\ngood{sep}1\n{sep}0\nbad{sep}0\n")
     with pytest.raises(DataError, match=rf"train.{suffix}: row 2, column 'text': expected text, got an empty cell"):
         load_splits(DataConfig(source=str(tmp_path), eval_split="train"), seed=0)
