@@ -166,13 +166,26 @@ class Dist:
         full = model.state_dict() if self.is_main else {}
         self._fully_shard(model, None)
         if not self.is_main:
-            model.to_empty(device=torch.device("cpu") if self.cfg.cpu_offload else self.device)
+            model.to_empty(device=self.shard_device)
+        # set_model_state_dict wants one device for every value it loads (persistent buffers too):
+        # rank 0's buffers, which fully_shard put on the device, wait beside the shards meanwhile
+        move_buffers(model, self.shard_device)
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full
-        with torch.no_grad():  # buffers are not sharded, and state_dict() lacks the non-persistent ones
+        # buffers are not sharded, and state_dict() lacks the non-persistent ones: rank 0 broadcasts
+        # them. Every rank's copy goes where training keeps it (wrap() moves the model to the device,
+        # whatever cpu_offload offloads), so all ranks broadcast from one device: under cpu_offload a
+        # CPU buffer on one rank against a CUDA one on another fails, and NCCL takes CUDA tensors only
+        move_buffers(model, self.device)
+        with torch.no_grad():
             for buffer in model.buffers():
                 tdist.broadcast(buffer, src=0)
         return model
+
+    @property
+    def shard_device(self) -> torch.device:
+        """Where this rank's parameter shards live: host memory under FSDP's cpu_offload, else the device."""
+        return torch.device("cpu") if self.cfg.cpu_offload else self.device
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
@@ -208,6 +221,13 @@ class Dist:
     def close(self) -> None:
         if self.active:
             tdist.destroy_process_group()
+
+
+def move_buffers(model: nn.Module, device: torch.device) -> None:
+    """Every buffer of `model` onto `device`, as Module.to moves them; the parameters stay where they are."""
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            setattr(module, name, buffer.to(device))
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

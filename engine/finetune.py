@@ -27,10 +27,9 @@ from engine.errors import DataError
 from engine.evaluation import cached_score, eval_set_digest, evaluate
 from engine.metrics import TimeParts
 from engine.precision import Precision
-from engine.recipe_yaml import to_dict
 from engine.report import Scores, Trained
 from engine.sources import Splits
-from engine.tracking import Tracker
+from engine.tracking import Tracker, check_mlflow, ends_open_runs, recipe_params
 
 
 @dataclass
@@ -67,6 +66,7 @@ class RunData:
         return self.tokenizer.padding_side == "left"
 
 
+@ends_open_runs  # a failure ends the run's MLflow run FAILED (a stop: KILLED), not RUNNING
 def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None) -> dict:
     """Run a recipe to the end; `resume` is "auto" (latest checkpoint in output_dir) or a folder."""
     run = start(recipe, overwrite, resume)  # processes, precision, output_dir; the recipe against a checkpoint
@@ -85,7 +85,7 @@ def finetune(recipe: Recipe, overwrite: bool = False, resume: str | None = None)
     model = wrap(run, model)  # the strategy's wrapping, then torch.compile
     seed_rank(run.recipe.seed, run.dist.rank)  # dropout differs across ranks; every init above was identical
     base_metrics, base_reused = score_base(run, model, data, base_sha, saved, attention)
-    tracker = open_tracker(run, data, attention, base_metrics, base_reused and not saved, counts)
+    tracker = open_tracker(run, data, attention, base_metrics, base_reused, counts, saved)
     state, throughput = train(run, model, data, tracker, saved,
                               {"fingerprint": fingerprint, "base_metrics": base_metrics})
     # the last checkpoint holds all the training: a signal from here stops at once, in one line
@@ -115,6 +115,7 @@ def start(recipe: Recipe, overwrite: bool, resume: str | None) -> Run:
     the checkpoint resumed (before any work: a key that may not change is refused in one line)."""
     parts = TimeParts()
     dist = distributed.init(recipe.distributed, recipe.train.num_threads)
+    check_mlflow(recipe.tracking, dist)  # a tracking store that cannot be used stops here, before any work
     say = print if dist.is_main else (lambda text: None)
     # one rank probes the CPU (after init: the probe runs on the threads training will use)
     choice = precision_lib.choose(recipe.train.precision, dist.device, dist.broadcast_object, say, dist.is_main)
@@ -210,11 +211,12 @@ def score_base(run: Run, model: nn.Module, data: RunData, base_sha: str | None,
                             score_cache_dir(run.recipe))
 
 
-def open_tracker(run: Run, data: RunData, attention: str, base_metrics: dict, cached: bool, counts: dict) -> Tracker:
-    """The log (TensorBoard, log.jsonl, progress bar), opened with what the run is about to do."""
+def open_tracker(run: Run, data: RunData, attention: str, base_metrics: dict, base_reused: bool, counts: dict,
+                 saved: dict | None) -> Tracker:
+    """The log (TensorBoard, log.jsonl, progress bar, MLflow), opened with what the run is about to do."""
     dist, splits, peft = run.dist, data.splits, run.recipe.peft.method
     tracker = Tracker(run.out, dist.is_main, loop.total_steps(len(data.train), run.recipe.train, dist.dp_world)[1],
-                      run.recipe.tracking, report_lib.flat(to_dict(run.recipe)))
+                      run.recipe.tracking, recipe_params(run.recipe), saved["loop"]["step"] if saved else None)
     tracker.message(f"train {len(data.train)} examples from {splits.train.origin}; "
                     f"eval {len(data.eval)} from {splits.eval.origin}; "
                     + (f"test {len(data.test)} from {splits.test.origin}; " if data.test else "")
@@ -224,8 +226,9 @@ def open_tracker(run: Run, data: RunData, attention: str, base_metrics: dict, ca
     if sources.numbered(splits.label_names):
         tracker.message(f"integer labels {', '.join(splits.label_names)} are classes 0..{len(splits.label_names) - 1}, "
                         f"named by their value")
-    cached_note = " (reused: an earlier run scored this base on this eval set)" if cached else ""
-    tracker.message(f"base{' (4-bit, as it trains)' if peft == 'qlora' else ''}: "
+    cached_note = " (reused: an earlier run scored this base on this eval set)" if base_reused and not saved else ""
+    on_dev = f" on dev (n {len(data.eval)})" if data.test else ""  # test: scored at the end
+    tracker.message(f"base{' (4-bit, as it trains)' if peft == 'qlora' else ''}{on_dev}: "
                     f"accuracy {base_metrics['accuracy']:.4f}  f1 {base_metrics['f1']:.4f}{cached_note}")
     if peft != "none":
         tracker.message(f"{peft}: {counts['trainable_params']:,} of {counts['total_params']:,} parameters "

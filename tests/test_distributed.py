@@ -72,3 +72,26 @@ def test_blocks_inside_lists_of_lists_are_the_layers(block_sizes):
     blocks = transformer_blocks(model)
     assert [type(b).__name__ for b in blocks] == ["FunnelLayer"] * sum(block_sizes)
     assert {id(b) for b in blocks} == {id(layer) for inner in model.funnel.encoder.blocks for layer in inner}
+
+
+@pytest.mark.parametrize("cpu_offload", [True, False])
+def test_a_snapshots_buffers_are_broadcast_from_the_device_on_every_rank(tmp_path, monkeypatch, cpu_offload):
+    """The final re-scoring under FSDP: a rank other than 0 builds the snapshot on the meta device
+    and receives its buffers from rank 0, whose buffers fully_shard put on the device. Under
+    cpu_offload the shards live in host memory, but the buffers must still be on the device: a CPU
+    buffer against rank 0's CUDA one fails in NCCL, which takes CUDA tensors only. No CUDA here:
+    the meta device stands in for it, and the process group is faked."""
+    import torch.distributed.checkpoint.state_dict as dcp
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(tiny.make_model(tmp_path, "bert"))
+    device = torch.device("meta")
+    d = Dist("fsdp", rank=1, world=2, device=device, cfg=DistributedConfig(strategy="fsdp", cpu_offload=cpu_offload))
+    monkeypatch.setattr(d, "broadcast_object", lambda obj: config)  # rank 0's answer
+    monkeypatch.setattr(d, "_fully_shard", lambda model, dtype: model)
+    monkeypatch.setattr(dcp, "set_model_state_dict", lambda *a, **k: None)
+    sent = []
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda t, src: sent.append(t.device))
+    model = d.shard_snapshot(None, AutoModelForSequenceClassification.from_config)
+    assert len(sent) == len(list(model.buffers())) > 0 and set(sent) == {device}
+    assert {p.device for p in model.parameters()} == {torch.device("cpu") if cpu_offload else device}

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import run_cli, tiny_overrides
 from engine import sources
-from engine.recipe_yaml import load_recipe
 from engine.finetune import finetune
+from engine.recipe_yaml import load_recipe
 
 
 @pytest.fixture(scope="module")
