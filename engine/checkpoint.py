@@ -76,7 +76,8 @@ def file_sha256(path: str | Path) -> str:
 #
 # checkpoints/step-N/
 #   state.json            loop position, evals, scheduler, scaler, optimizer hyper-parameters,
-#                         the run's fingerprint (rank 0)
+#                         the run's fingerprint: every recipe key and the run's facts (rank 0;
+#                         engine/resume.py checks a resume against it)
 #   shard-R.safetensors   model weights + optimizer moments: rank R's shard under FSDP, the
 #                         whole of them from rank 0 otherwise
 #   rng-R.json            every RNG of rank R

@@ -5,6 +5,7 @@ A key added later is walked too, and fails here until it has a decision. The end
 are in tests/test_resume_recipe.py."""
 import dataclasses
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -177,7 +178,7 @@ def _resumed(tmp_path, finished=False, **loop) -> resume.Resumed:
 @pytest.mark.parametrize("fact, value", [("processes", 2), ("train examples", 191), ("classes", ["pos", "neg"]),
                                          ("weight shapes (sha256)", "cd")])
 def test_another_model_data_or_process_count_is_refused_naming_it(tmp_path, fact, value):
-    with pytest.raises(CheckpointError, match=f"{fact} was .* when this checkpoint was written, now"):
+    with pytest.raises(CheckpointError, match=f"{re.escape(fact)} was .* when this checkpoint was written, now"):
         resume.check_facts(_resumed(tmp_path), FACTS | {fact: value})
     resume.check_facts(_resumed(tmp_path / "same"), dict(FACTS))
 

@@ -29,22 +29,25 @@ def _files(out):
     return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def test_a_changed_key_that_may_not_change_is_refused_before_any_work(stopped, tiny_bert_dropout, tiny_data):
-    before = _files(stopped)
-    p = run_cli(*args(tiny_bert_dropout, tiny_data, stopped, LABELS, "train.lr=1e-3"), "--resume", "auto")
+def test_a_changed_key_that_may_not_change_is_refused_before_any_work(stopped, tiny_bert_dropout, tiny_data,
+                                                                      tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(stopped, out)
+    before = _files(out)
+    p = run_cli(*args(tiny_bert_dropout, tiny_data, out, LABELS, "train.lr=1e-3"), "--resume", "auto")
     assert p.returncode == 2, p.stderr[-3000:]
     assert p.stderr.strip().splitlines() == [
-        f"error: {stopped}/checkpoints/step-8: train.lr was 0.003 when this checkpoint was written, now 0.001; "
+        f"error: {out}/checkpoints/step-8: train.lr was 0.003 when this checkpoint was written, now 0.001; "
         f"it may not change on resume (set it back, or start over with --overwrite)"]
     # the same through finetune(), for the keys whose change used to train silently another recipe
     for change, named in (("data.label_names=[pos,neg]", "data.label_names was ['neg', 'pos']"),
                           ("train.group_by_length=false", "train.group_by_length was True"),
                           ("train.weight_decay=0.1", "train.weight_decay was 0.01"),
                           ("train.keep_best=true", "train.keep_best was False")):  # used to crash after all steps
-        recipe = load_recipe(None, args(tiny_bert_dropout, tiny_data, stopped, LABELS, change)[3:])
+        recipe = load_recipe(None, args(tiny_bert_dropout, tiny_data, out, LABELS, change)[3:])
         with pytest.raises(CheckpointError, match=named.replace("[", r"\[")):
             finetune(recipe, resume="auto")
-    assert _files(stopped) == before  # recipe.yaml still says what ran; nothing else written either
+    assert _files(out) == before  # recipe.yaml still says what ran; nothing else written either
 
 
 def test_more_epochs_extend_the_run_and_its_record_says_so(stopped, tiny_bert_dropout, tiny_data, tmp_path):
@@ -61,7 +64,8 @@ def test_more_epochs_extend_the_run_and_its_record_says_so(stopped, tiny_bert_dr
     assert load_recipe(out / "recipe.yaml").train.epochs == 3.0  # what ran
     m = json.loads((out / "metrics.json").read_text())["train"]
     assert (m["steps"], m["resumed_at_step"], m["steps_timed"]) == (72, 8, 64) and m["samples_per_s"] > 0
-    assert m["resume_changes"] == {"train.epochs": [2.0, 3.0]}
+    # the run was copied to another folder, which may change too (the checkpoint is in it)
+    assert m["resume_changes"] == {"output_dir": [str(stopped), str(out)], "train.epochs": [2.0, 3.0]}
     # the finished run goes on only to train longer
     again = args(tiny_bert_dropout, tiny_data, out, LABELS, "train.epochs=3")
     p = run_cli(*again, "--resume", "auto")
