@@ -2,9 +2,8 @@
 from tuned/, adapter/ or under torchrun alike, a chunk at a time; an adapter only on its own base."""
 import json
 import os
+import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 import tiny
-from conftest import ROOT, run_cli, tiny_overrides
+from conftest import run_cli, tiny_overrides
 from engine import sources
 from engine.finetune import finetune
 from engine.recipe_yaml import load_recipe
@@ -151,9 +150,11 @@ def test_evaluate_takes_an_adapter_folder_as_predict_does(lora_run, tiny_data, t
     assert scores["adapter"]["base"] == str(lora_run / "base")
 
 
-def test_an_adapter_goes_on_its_own_runs_base_first_and_never_on_another(lora_run, tmp_path):
+def test_an_adapter_goes_on_its_own_runs_base_first_and_never_on_another(lora_run, tmp_path, monkeypatch):
     # the engine names base/ relative to where training ran; from a folder holding another run of
     # that name, that name is another model of the same shapes
+    from engine.errors import ModelError
+    from engine.prediction import label_file
     run = tmp_path / "x" / "runs" / "demo"
     for name in ("adapter", "base"):
         shutil.copytree(lora_run / name, run / name)
@@ -163,25 +164,25 @@ def test_an_adapter_goes_on_its_own_runs_base_first_and_never_on_another(lora_ru
     here = tmp_path / "y"
     decoy = tiny.make_model(here / "runs" / "demo" / "base", "bert", init_range=0.1, seed=1)
     (tmp_path / "in.txt").write_text("good film\nbad film\nthe plot was dull\n")
+    monkeypatch.chdir(here)
 
-    def predict_from(cwd, *args):
-        return subprocess.run([sys.executable, ROOT / "launch" / "predict.py", "--threads", "1",
-                               "--input", tmp_path / "in.txt", *args], cwd=cwd, capture_output=True, text=True,
-                              timeout=300)
+    def predict(model, output, **kw):
+        return label_file(str(model), tmp_path / "in.txt", tmp_path / output, num_threads=1, **kw)
 
-    p = predict_from(here, "--model", run / "adapter", "--output", tmp_path / "a.jsonl")
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert json.loads(p.stdout)["base"] == str(run / "base")  # the summary names the base it used
-    assert predict_from(here, "--model", lora_run / "tuned", "--output", tmp_path / "t.jsonl").returncode == 0
+    assert predict(run / "adapter", "a.jsonl")["base"] == str(run / "base")  # the summary names the base used
+    predict(lora_run / "tuned", "t.jsonl")
     rows = {n: [json.loads(x) for x in (tmp_path / f"{n}.jsonl").read_text().splitlines()] for n in ("a", "t")}
     for a, t in zip(rows["a"], rows["t"], strict=True):
         assert a["probs"] == pytest.approx(t["probs"], abs=1e-5)
-    for why in (["--base", decoy], []):  # asked for, or the only one left once its own base/ is gone
-        if not why:
+    for base in (decoy, None):  # asked for, or the only one left once its own base/ is gone
+        if base is None:
             shutil.rmtree(run / "base")
-        p = predict_from(here, "--model", run / "adapter", *why, "--output", tmp_path / "b.jsonl")
-        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
-        assert "trained on a base whose weights have sha256" in p.stderr and not (tmp_path / "b.jsonl").exists()
+        with pytest.raises(ModelError, match="trained on a base whose weights have sha256"):
+            predict(run / "adapter", "b.jsonl", base=base)
+        assert not any(x.name.startswith(("b.", ".b.")) for x in tmp_path.iterdir())
+    p = _predict("--model", run / "adapter", "--base", decoy, "--input", tmp_path / "in.txt",
+                 "--output", tmp_path / "b.jsonl")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr[-2000:]
 
 
 def test_txt_lines_split_on_newline_only(lora_run, tmp_path):
@@ -198,6 +199,8 @@ def test_txt_lines_split_on_newline_only(lora_run, tmp_path):
 
 
 def test_keep_columns_copy_input_columns_so_rows_join_back(lora_run, tiny_data, tmp_path):
+    from engine.errors import DataError
+    from engine.prediction import label_file
     truth = pd.read_parquet(f"{tiny_data}/test.parquet")
     ids = [f"{i:04d}" for i in range(len(truth))][::-1]  # leading zeros: kept as written
     frame = pd.DataFrame({"id": ids, "text": truth["text"], "gold": truth["label"]})
@@ -212,12 +215,11 @@ def test_keep_columns_copy_input_columns_so_rows_join_back(lora_run, tiny_data, 
     assert [r["label"] for r in rows] == list(pred["label"])
     frame.assign(label=1).to_csv(tmp_path / "clash.csv", index=False)
     (tmp_path / "in.txt").write_text("good film\n")
-    for name, keep, message in (("in.csv", "idx", "no column 'idx' (--keep-columns)"),
-                                ("clash.csv", "id,label", "'label' is a column predict"),
-                                ("in.txt", "id", "a .txt has no columns")):
-        p = _predict("--model", lora_run / "tuned", "--input", tmp_path / name, "--keep-columns", keep,
-                     "--output", tmp_path / "bad.csv")
-        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and message in p.stderr, p.stderr
+    for name, keep, message in (("in.csv", ["idx"], "no column 'idx' (--keep-columns)"),
+                                ("clash.csv", ["id", "label"], "'label' is a column predict"),
+                                ("in.txt", ["id"], "a .txt has no columns")):
+        with pytest.raises(DataError, match=re.escape(message)):
+            label_file(str(lora_run / "tuned"), tmp_path / name, tmp_path / "bad.csv", keep_columns=keep)
         assert not any(x.name.startswith(("bad.", ".bad.")) for x in tmp_path.iterdir())
 
 

@@ -6,8 +6,8 @@ import signal
 import pytest
 
 from conftest import faults, run_cli, tiny_overrides
-from engine.config import load_recipe
 from engine.finetune import finetune
+from engine.recipe_yaml import load_recipe
 
 COMPARED = ("train/loss", "train/lr", "train/grad_norm", "eval/accuracy", "eval/loss")  # not the clock's
 
