@@ -57,6 +57,19 @@ def encoding(text: str) -> str:
     return text
 
 
+def reading_flags(p: argparse.ArgumentParser, precision_else: str) -> None:
+    """The flags that say how texts are read and scored; each defaults to what the snapshot's run did
+    (its run_settings.json), so predict and evaluate read a run's texts as the run read them."""
+    p.add_argument("--max-length", type=count,
+                   help="default: the run's data.max_length, else 512 (or the model's positions)")
+    p.add_argument("--truncation", choices=["head", "tail", "head_tail"],
+                   help="default: the run's data.truncation, else head")
+    p.add_argument("--head-tokens", type=count, help="head_tail: default the run's data.head_tokens, else 128")
+    p.add_argument("--batch-size", type=count, help="default: the run's train.eval_batch_size, else 64")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help=f"default: the precision the run scored in, else {precision_else}")
+
+
 def quiet_libraries() -> None:
     """Our progress bar is the one that matters; hide the per-file load/save bars of transformers."""
     # here, not at the top: the environment line above must come first, and it costs a second

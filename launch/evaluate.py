@@ -29,14 +29,7 @@ def main() -> int:
     p.add_argument("--label-column", help="default: the run's data.label_column, else label")
     p.add_argument("--label-names", type=cli.names,
                    help="comma-separated class names for string labels, in model order")
-    p.add_argument("--max-length", type=cli.count,
-                   help="default: the run's data.max_length, else 512 (or the model's positions)")
-    p.add_argument("--truncation", choices=["head", "tail", "head_tail"],
-                   help="default: the run's data.truncation, else head")
-    p.add_argument("--head-tokens", type=cli.count, help="head_tail: default the run's data.head_tokens, else 128")
-    p.add_argument("--batch-size", type=cli.count, help="default: the run's train.eval_batch_size, else 64")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="default: the precision the run scored in, else fp32")
+    cli.reading_flags(p, precision_else="fp32")
     p.add_argument("--encoding", type=cli.encoding, help="default: the run's data.encoding, else utf-8")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args()

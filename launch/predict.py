@@ -30,14 +30,7 @@ def main() -> int:
     p.add_argument("--keep-columns", type=cli.names, default=(),
                    help="comma-separated input columns copied into the output (e.g. id), so rows join back")
     p.add_argument("--encoding", default="utf-8", type=cli.encoding)
-    p.add_argument("--max-length", type=cli.count,
-                   help="default: the run's data.max_length, else 512 (or the model's positions)")
-    p.add_argument("--truncation", choices=["head", "tail", "head_tail"],
-                   help="default: the run's data.truncation, else head")
-    p.add_argument("--head-tokens", type=cli.count, help="head_tail: default the run's data.head_tokens, else 128")
-    p.add_argument("--batch-size", type=cli.count, help="default: the run's train.eval_batch_size, else 64")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="default: the precision the run scored in, else auto")
+    cli.reading_flags(p, precision_else="auto")
     p.add_argument("--threads", type=cli.count, help="torch threads per process (default: cores / processes)")
     p.add_argument("--trust-remote-code", action="store_true")
     args = p.parse_args()
