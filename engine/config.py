@@ -71,6 +71,10 @@ class DataConfig:
     test_split: str | None = None
     test_size: int | None = None  # seeded, stratified subset of the test split
     cache_dir: str | None = None  # tokenized cache (default ~/.cache/sentiment-engine)
+    # pad each batch up to the smallest of these lengths that holds it (increasing, the last one
+    # data.max_length) instead of to its longest row rounded up to 8: a compiled model then meets one
+    # shape a bucket, each compiled once (docs/training.md, bounded shapes); null: off
+    pad_buckets: list[int] | None = None
 
     def check(self, where: str) -> None:
         """What one data section can check alone (Recipe.check has the rules that span sections)."""
@@ -84,6 +88,11 @@ class DataConfig:
             if len(folded) < 2 or len(set(folded)) != len(folded):
                 raise RecipeError(f"{where}: 'data.label_names' must list at least two different class "
                                   f"names, got {self.label_names}")
+        b = self.pad_buckets
+        if b is not None and (not b or b[0] < 1 or b != sorted(set(b)) or b[-1] != self.max_length):
+            # the last one holds any batch, and no batch pads past the length the model was checked for
+            raise RecipeError(f"{where}: 'data.pad_buckets' must be increasing lengths >= 1 ending at "
+                              f"data.max_length ({self.max_length}), got {b}")
 
 
 @dataclass
@@ -117,7 +126,14 @@ class TrainConfig:
     log_every: int = 10  # steps between logged scalars
     num_threads: int | None = None  # torch threads per process (default: cores / processes)
     compile: bool = False  # torch.compile the model
+    # torch.compile's mode: default; reduce-overhead (CUDA graphs: fewer launches, wants the bounded
+    # shapes of data.pad_buckets); max-autotune (searches kernels: compiles longer)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% slower
+
+    def check(self, where: str) -> None:
+        if self.compile_mode != "default" and not self.compile:
+            raise RecipeError(f"{where}: 'train.compile_mode' {self.compile_mode} needs train.compile=true")
 
 
 @dataclass
