@@ -43,6 +43,7 @@ SELECTIONS = {
              "tests/test_loop.py::test_clipping_brings_the_global_norm_down_to_max_grad_norm",
              "tests/test_loop.py::test_a_non_finite_gradient_changes_no_weight_and_stops_at_the_next_read",
              "tests/test_loop.py::test_a_nan_at_step_k_stops_at_the_next_read_with_the_weights_of_step_k_minus_1",
+             "tests/test_loop.py::test_small_uniform_class_weights_log_the_plain_mean_loss",
              "tests/test_loop.py::test_fp16_counts_exactly_the_steps_its_scaler_skipped",
              "tests/test_loop.py::test_the_loss_window_sums_losses_and_counts_examples",
              "tests/test_loop.py::test_each_logged_loss_covers_the_steps_since_the_last_log_and_the_last_step_is_logged",
