@@ -12,6 +12,12 @@
 #       (torch.compile, batch 128, both, activation checkpointing), then the Llama-3.2-1B shape (LoRA,
 #       the Trainer with peft, full FSDP2 with activation checkpointing, QLoRA); `recompiles` counts
 #       the recompilations each compiled run logged (TORCH_LOGS=recompiles).
+#   (e) levers + levers-sync (issue 30): gpu_levers.yaml, each lever its own row on reviews of many
+#       lengths (BERT-base shape, bf16): plain, torch.compile, compile + data.pad_buckets, and the same with
+#       compile_mode reduce-overhead; levers-sync runs the plain row again with the per-step read of the
+#       engine before issue 30 put back (benchmarks/levers/), so the two give the sync-free step's share.
+#       No material needed, ~7 minutes: not part of the default run (which they would push past the device
+#       tool's 10 minutes a command), but a call of their own: --steps prepare,levers,levers-sync,recompiles.
 # Steps run in that order, each under its own limit; the last matrix gets what the budget leaves, and
 # the harness writes the rows that finished when its time runs out.
 #
@@ -24,7 +30,7 @@
 # every command's recipe overrides and trainer_args are valid, and that the material (if written) fits
 # the device tool's 64 MiB with the checkout; writes nothing.
 # Results go to DIR (default benchmarks/results/gpu_full): summary.md, logs/<step>.log, and per matrix
-# results.json / results.md / plots under analysis1/, epochs/, limits/.
+# results.json / results.md / plots under analysis1/, epochs/, limits/, levers/, levers-sync/.
 # Exit code: 0 when every step that ran passed, 1 when one failed, 2 for bad arguments.
 set -u
 cd "$(dirname "$0")/.."
@@ -43,12 +49,12 @@ while (( $# )); do
     --out) DEST=${2:?--out needs a folder}; shift ;;
     --commit) COMMIT=${2:?--commit needs a commit}; shift ;;
     --steps) ONLY=${2:?--steps needs a comma-separated list}; shift ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
-ALL_STEPS=(prepare analysis1 epochs epoch-curve limits recompiles)
+ALL_STEPS=(prepare analysis1 epochs epoch-curve limits levers levers-sync recompiles)
 for s in ${ONLY//,/ }; do
   [[ " ${ALL_STEPS[*]} " == *" $s "* ]] || { echo "error: --steps: unknown step '$s' (${ALL_STEPS[*]})" >&2; exit 2; }
 done
@@ -68,22 +74,29 @@ export TOKENIZERS_PARALLELISM=false TRANSFORMERS_NO_ADVISORY_WARNINGS=1 PYTHONUN
 (( DRY )) || export XDG_CACHE_HOME=$WORK/cache  # token, probe and base-score caches of this run only
 source benchmarks/gpu_steps.sh  # step, skip, summary_header
 
-wanted() { [[ -z $ONLY || ",$ONLY," == *",$1,"* ]]; }
+OWN_CALL=(levers levers-sync)  # steps run only when --steps names them (a dry run lists them all)
+wanted() {
+  if [[ -n $ONLY ]]; then [[ ",$ONLY," == *",$1,"* ]]; return; fi
+  (( DRY )) || [[ " ${OWN_CALL[*]} " != *" $1 "* ]]
+}
 left() {  # seconds the budget leaves, less a margin for the step after (recompiles), at least $1
   local l=$((BUDGET_S - (SECONDS - START) - 40))
   (( l < $1 )) && l=$1
   echo "$l"
 }
 MATRICES=${GPU_MATRICES:-benchmarks/matrices}
-matrix() {  # NAME LIMIT: benchmarks/run.py on MATRICES/gpu_NAME.yaml into DEST/NAME
-  local name=$1 limit=$2 file=$MATRICES/gpu_$1.yaml
+matrix() {  # NAME LIMIT [MATRIX [ONLY [VAR=VALUE...]]]: benchmarks/run.py on MATRICES/gpu_MATRIX.yaml
+  # (default: gpu_NAME.yaml), only the scenarios matching ONLY, with VAR=VALUE in its environment, into DEST/NAME
+  local name=$1 limit=$2 file=$MATRICES/gpu_${3:-$1}.yaml only=() vars=("${@:5}")
+  [[ -n ${4:-} ]] && only=(--only "$4")
   if (( DRY )); then
-    echo "$name (at most ${limit}s): $PY benchmarks/run.py --matrix $file --out $DEST/$name; its scenarios:"
-    PYTHONPATH=$ROOT "$PY" benchmarks/run.py --matrix "$file" --out "$DEST/$name" --dry-run | sed 's/^/  /'
+    echo "$name (at most ${limit}s): ${vars[*]:+${vars[*]} }$PY benchmarks/run.py --matrix $file ${only[*]:+${only[*]} }--out $DEST/$name; its scenarios:"
+    PYTHONPATH=$ROOT "$PY" benchmarks/run.py --matrix "$file" "${only[@]}" --out "$DEST/$name" --dry-run | sed 's/^/  /'
     (( PIPESTATUS[0] == 0 )) || { echo "error: $file: a scenario would be refused (above)" >&2; exit 1; }
     return 0
   fi
-  step "$name" "$limit" "$PY" benchmarks/run.py --matrix "$file" --out "$DEST/$name" --work "$WORK/$name" --overwrite
+  step "$name" "$limit" env "${vars[@]}" "$PY" benchmarks/run.py --matrix "$file" "${only[@]}" --out "$DEST/$name" \
+    --work "$WORK/$name" --overwrite
 }
 
 if (( DRY )); then
@@ -106,16 +119,20 @@ fi
 have_material=1
 [[ -e $MATERIAL/material.json ]] || have_material=0
 
-wanted prepare && step prepare 45 env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" MATERIAL="$MATERIAL" "$PY" -c "
+need_material=0  # the levers' call (synthetic data) needs neither the material nor datasets
+for s in analysis1 epochs epoch-curve; do wanted $s && need_material=1; done
+wanted prepare && step prepare 45 env PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" MATERIAL="$MATERIAL" \
+  NEED_MATERIAL=$need_material "$PY" -c "
 import importlib.util, json, os, torch
 assert torch.cuda.is_available(), 'no CUDA device'
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))
 for name in ('datasets', 'peft', 'bitsandbytes', 'matplotlib'):
     print(name, 'importable' if importlib.util.find_spec(name) else 'MISSING')
-assert importlib.util.find_spec('datasets'), 'datasets is missing: carry its wheels (docs: gpuprep)'
-info = json.load(open(os.path.join(os.environ['MATERIAL'], 'material.json')))
-print('material:', info['model']['source'], info['model']['dtype'], {k: v['rows'] for k, v in info['data'].items()
-      if isinstance(v, dict)}, info['cut'])
+if os.environ['NEED_MATERIAL'] == '1':
+    assert importlib.util.find_spec('datasets'), 'datasets is missing: carry its wheels (docs: gpuprep)'
+    info = json.load(open(os.path.join(os.environ['MATERIAL'], 'material.json')))
+    print('material:', info['model']['source'], info['model']['dtype'],
+          {k: v['rows'] for k, v in info['data'].items() if isinstance(v, dict)}, info['cut'])
 "
 
 if (( have_material )) || (( DRY )); then
@@ -130,10 +147,16 @@ fi
 
 export TORCH_LOGS=recompiles  # each compiled run's stderr names every recompilation and its reason
 wanted limits && matrix limits "$(left 60)"
+# issue 30's levers (no material): each its own row; then the plain row with the old per-step read put back
+if wanted levers; then matrix levers 400
+elif [[ -z $ONLY ]]; then skip levers "a call of its own: --steps prepare,levers,levers-sync,recompiles"; fi
+if wanted levers-sync; then matrix levers-sync 90 levers '^levers-plain$' BENCH_SYNC_EACH_STEP=1 \
+  PYTHONPATH="$ROOT/benchmarks/levers${PYTHONPATH:+:$PYTHONPATH}"
+elif [[ -z $ONLY ]]; then skip levers-sync "a call of its own: --steps prepare,levers,levers-sync,recompiles"; fi
 wanted recompiles && step recompiles 30 "$PY" -c "
 import pathlib
 rows = ['| run | recompilations logged (TORCH_LOGS=recompiles) |', '|---|---|']
-for err in sorted(pathlib.Path('$WORK/limits/runs').glob('*compile*/r*/stderr.txt')):
+for err in sorted(p for m in ('limits', 'levers') for p in pathlib.Path('$WORK', m, 'runs').glob('*compile*/r*/stderr.txt')):
     n = sum('Recompiling function' in line for line in err.read_text(errors='replace').splitlines())
     rows.append(f'| {err.parent.parent.name} | {n} |')
 pathlib.Path('$DEST/limits').mkdir(parents=True, exist_ok=True)

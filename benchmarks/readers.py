@@ -92,7 +92,12 @@ def read_engine(run_dir: Path, s: dict) -> dict:
                train_seconds=train.get("train_seconds"), threads=train.get("threads_per_process"),
                precision=train.get("precision", s["precision"]), precision_ratio=train.get("precision_ratio"),
                # the run's own clock, by part (load, tokenize, base_eval, train, tuned_eval, save, other)
-               run_wall_seconds=metrics.get("wall_seconds"), time_parts=metrics.get("time_parts"))
+               run_wall_seconds=metrics.get("wall_seconds"), time_parts=metrics.get("time_parts"),
+               # over the whole training clock, warm-up and compiling inside the steps included: what a
+               # run of this length gets, where samples_per_s above leaves the warm-up steps out
+               train_samples_per_s=train.get("samples_per_s"),
+               # a compiled run's graphs and compile seconds (rank 0's process), None when eager
+               compile_graphs=train.get("compile_graphs"), compile_seconds=train.get("compile_seconds"))
     if s["method"] != "full" and out["trainable_params"] >= out["total_params"]:
         raise ValueError(f"the engine trained all {out['total_params']:,} parameters for method {s['method']}")
     return out

@@ -48,6 +48,9 @@ def summarize(s: dict, runs: list[dict], shape, peaks: dict, datasheet: dict | N
                samples_per_s_range=[min(r["samples_per_s"] for r in ok), max(r["samples_per_s"] for r in ok)],
                trainable_params=ok[0]["trainable_params"], total_params=ok[0]["total_params"],
                precision=ok[0].get("precision", s["precision"]), precision_ratio=ok[0].get("precision_ratio"))
+    for key in ("train_samples_per_s", "compile_seconds", "compile_graphs", "run_wall_seconds"):
+        if all(r.get(key) is not None for r in ok):  # the engine's: the Trainer's runs have none
+            rec[key] = med(key)
     cuda = [r["cuda_peak_bytes"] for r in ok if r.get("cuda_peak_bytes")]
     if cuda:
         rec.update(peak_memory_bytes=max(cuda), peak_memory_of="cuda max_memory_allocated (largest rank)")

@@ -67,6 +67,21 @@ def table(records: list[dict]) -> list[str]:
     return rows
 
 
+def compile_table(records: list[dict]) -> list[str]:
+    """Where a scenario compiled: what compiling cost (rank 0's process: graphs, seconds) beside each
+    engine row's rate over its whole training clock, compiling inside the steps included."""
+    rows = [r for r in records if r["status"] == "ok" and r.get("train_samples_per_s") is not None]
+    if not any(r.get("compile_seconds") is not None for r in rows):
+        return []
+    out = ["## Compiling", "", "| scenario | graphs compiled | compile s | samples/s (timed steps) | "
+           "samples/s (whole training clock) | run wall s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| `{r['id']}` | {num(r.get('compile_graphs'), '.0f')} | {num(r.get('compile_seconds'), '.1f')} | "
+                   f"{num(r['samples_per_s'], '.3g')} | {num(r['train_samples_per_s'], '.3g')} | "
+                   f"{num(r.get('run_wall_seconds'), '.0f')} |")
+    return out + [""]
+
+
 def markdown(res: dict) -> str:
     hw = res["hardware"]
     cpu = hw["cpu"]
@@ -104,7 +119,7 @@ def markdown(res: dict) -> str:
         lines.append(f"- Load from other processes over the whole run: {whole['outside_cores']:.2f} cores on average "
                      f"(ours {whole['own_cores']:.2f}); a run is flagged disturbed above "
                      f"{res['load']['threshold_cores']} cores")
-    lines += ["", "## Results", ""] + table(res["records"]) + [""]
+    lines += ["", "## Results", ""] + table(res["records"]) + [""] + compile_table(res["records"])
     if res.get("notes"):
         lines += ["Notes:", ""] + [f"- {n}" for n in res["notes"]] + [""]
     lines += ["Rates are medians over the repeats (fresh processes, interleaved across scenarios) of the steps "

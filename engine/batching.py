@@ -347,12 +347,21 @@ def eval_batches(lengths: np.ndarray, batch_size: int, world: int = 1, rank: int
     return batches[rank::world]
 
 
+def pad_width(longest: int, multiple_of: int = 8, buckets: Sequence[int] | None = None) -> int:
+    """A batch's padded length: the smallest of data.pad_buckets that holds its longest row (a bounded
+    set of shapes for a compiled model), else that row's length rounded up to `multiple_of`."""
+    if not buckets:
+        return -(-longest // multiple_of) * multiple_of
+    if longest > buckets[-1]:  # the recipe's check makes the last bucket max_length, which holds any row
+        raise DataError(f"a batch of {longest} tokens is longer than the last of data.pad_buckets {list(buckets)}")
+    return int(buckets[np.searchsorted(buckets, longest)])
+
+
 def collate(data: Tokenized, idx: np.ndarray, pad_id: int, pad_left: bool = False,
-            multiple_of: int = 8) -> dict[str, torch.Tensor]:
-    """Pad one batch to its own longest sequence (rounded up to `multiple_of`)."""
+            multiple_of: int = 8, buckets: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """Pad one batch to its own longest sequence (see pad_width)."""
     seqs = [data.ids[i] for i in idx]
-    longest = max(len(s) for s in seqs)
-    width = -(-longest // multiple_of) * multiple_of
+    width = pad_width(max(len(s) for s in seqs), multiple_of, buckets)
     input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), width), dtype=np.int64)
     for row, s in enumerate(seqs):
@@ -360,11 +369,8 @@ def collate(data: Tokenized, idx: np.ndarray, pad_id: int, pad_left: bool = Fals
             input_ids[row, width - len(s):], mask[row, width - len(s):] = s, 1
         else:
             input_ids[row, :len(s)], mask[row, :len(s)] = s, 1
-    batch = {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(mask),
-        "labels": torch.from_numpy(data.labels[idx]),
-    }
+    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
+             "labels": torch.from_numpy(data.labels[idx])}
     if pad_left:  # positions count from the first real token, as they would without padding
         batch["position_ids"] = torch.from_numpy(np.clip(mask.cumsum(axis=1) - 1, 0, None))
     return batch

@@ -55,7 +55,8 @@ class ModelConfig:
 @on_resume(fixed=("source", "train_split", "eval_split", "text_column", "label_column", "label_names", "where",
                   "rename_columns", "encoding", "max_length", "truncation", "head_tokens", "train_size",
                   "eval_size", "holdout_size", "test_split", "test_size"),
-           may_change={"cache_dir": "where token ids and base scores are cached, not what they are"})
+           may_change={"cache_dir": "where token ids and base scores are cached, not what they are",
+                       "pad_buckets": "padding only: masked positions change no score beyond float rounding"})
 @dataclass
 class DataConfig:
     source: str = "imdb"  # hub dataset name, local file or folder, or package://pkg/path
@@ -83,6 +84,10 @@ class DataConfig:
     test_split: str | None = None
     test_size: int | None = None  # seeded, stratified subset of the test split
     cache_dir: str | None = None  # tokenized cache (default ~/.cache/sentiment-engine)
+    # pad each batch up to the smallest of these lengths that holds it (increasing, the last one
+    # data.max_length) instead of to its longest row rounded up to 8: a compiled model then meets one
+    # shape a bucket, each compiled once (docs/training.md, bounded shapes); null: off
+    pad_buckets: list[int] | None = None
 
     def check(self, where: str) -> None:
         """What one data section can check alone (Recipe.check has the rules that span sections)."""
@@ -96,6 +101,11 @@ class DataConfig:
             if len(folded) < 2 or len(set(folded)) != len(folded):
                 raise RecipeError(f"{where}: 'data.label_names' must list at least two different class "
                                   f"names, got {self.label_names}")
+        b = self.pad_buckets
+        if b is not None and (not b or b[0] < 1 or b != sorted(set(b)) or b[-1] != self.max_length):
+            # the last one holds any batch, and no batch pads past the length the model was checked for
+            raise RecipeError(f"{where}: 'data.pad_buckets' must be increasing lengths >= 1 ending at "
+                              f"data.max_length ({self.max_length}), got {b}")
 
 
 LENGTH = "the run's length: a resume may extend it (the lr schedule is then rebuilt over the new length)"
@@ -110,6 +120,7 @@ LENGTH = "the run's length: a resume may extend it (the lr schedule is then rebu
                        "log_every": "how often the log is written",
                        "num_threads": "speed: a resume may run on another machine",
                        "compile": "kernels, not the model: a checkpoint holds the plain model's names",
+                       "compile_mode": "how torch.compile builds its kernels, not what they compute",
                        "activation_checkpointing": "memory: activations are recomputed with the same masks"})
 @dataclass
 class TrainConfig:
@@ -142,6 +153,9 @@ class TrainConfig:
     log_every: int = 10  # steps between logged scalars
     num_threads: int | None = None  # torch threads per process (default: cores / processes)
     compile: bool = False  # torch.compile the model
+    # torch.compile's mode: default; reduce-overhead (CUDA graphs: fewer launches, wants the bounded
+    # shapes of data.pad_buckets); max-autotune (searches kernels: compiles longer)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% slower
 
     def check(self, where: str) -> None:
@@ -178,6 +192,8 @@ class TrainConfig:
             # as the Trainer's EarlyStoppingCallback: tuned/ would otherwise be the weights `patience`
             # evaluations past the best
             raise RecipeError(f"{where}: 'train.early_stopping_patience' needs train.keep_best=true")
+        if self.compile_mode != "default" and not self.compile:
+            raise RecipeError(f"{where}: 'train.compile_mode' {self.compile_mode} needs train.compile=true")
 
 
 def checked_class_weights(spec: Any, where: str) -> str | list[float]:

@@ -32,13 +32,15 @@ from engine.run_settings import RowsAsked
 
 
 def predict(model, data: Tokenized, batch_size: int, precision, dist, pad_id: int,
-            pad_left: bool = False) -> np.ndarray:
-    """Logits for every example, in dataset order, on every rank."""
+            pad_left: bool = False, buckets: list[int] | None = None) -> np.ndarray:
+    """Logits for every example, in dataset order, on every rank. With `buckets` (data.pad_buckets)
+    every batch is also filled to batch_size rows (repeats, thrown away): one shape a bucket."""
     with dist.no_autograd():
-        return _predict(model, data, batch_size, precision, dist, pad_id, pad_left)
+        return _predict(model, data, batch_size, precision, dist, pad_id, pad_left, buckets)
 
 
-def _predict(model, data: Tokenized, batch_size: int, precision, dist, pad_id: int, pad_left: bool) -> np.ndarray:
+def _predict(model, data: Tokenized, batch_size: int, precision, dist, pad_id: int, pad_left: bool,
+             buckets: list[int] | None) -> np.ndarray:
     was_training = model.training
     model.eval()
     forward = dist.eval_module(model)
@@ -48,12 +50,12 @@ def _predict(model, data: Tokenized, batch_size: int, precision, dist, pad_id: i
     indices, chunks = [], []
     for r in range(rounds):
         idx = mine[r] if r < len(mine) else np.arange(1)  # a spare forward, thrown away
-        batch = collate(data, idx, pad_id, pad_left)
+        batch = collate(data, np.resize(idx, batch_size) if buckets else idx, pad_id, pad_left, buckets=buckets)
         with precision.autocast():
             logits = forward(**model_inputs(batch, dist.device)).logits
         if r < len(mine):
             indices.append(idx)
-            chunks.append(logits.float().cpu().numpy())
+            chunks.append(logits[:len(idx)].float().cpu().numpy())
     model.train(was_training)
     n_classes = chunks[0].shape[-1] if chunks else 0
     local = (np.concatenate(indices) if indices else np.zeros(0, np.int64),
@@ -75,8 +77,8 @@ def _predict(model, data: Tokenized, batch_size: int, precision, dist, pad_id: i
 
 
 def evaluate(model, data: Tokenized, label_names: list[str], batch_size: int, precision, dist,
-             pad_id: int, pad_left: bool = False) -> dict:
-    logits = predict(model, data, batch_size, precision, dist, pad_id, pad_left)
+             pad_id: int, pad_left: bool = False, buckets: list[int] | None = None) -> dict:
+    logits = predict(model, data, batch_size, precision, dist, pad_id, pad_left, buckets)
     return classification_metrics(logits, data.labels, label_names)
 
 

@@ -15,7 +15,7 @@ import torch
 import transformers
 from torch import nn
 
-from engine import adapters, batching, checkpoint, distributed, loop, modeling, optim, signals, sources
+from engine import adapters, batching, checkpoint, compiling, distributed, loop, modeling, optim, signals, sources
 from engine import precision as precision_lib
 from engine import report as report_lib
 from engine import resume as resume_lib
@@ -191,12 +191,12 @@ def convert(run: Run, model: nn.Module) -> nn.Module:
 
 def wrap(run: Run, model: nn.Module) -> nn.Module:
     model = run.dist.wrap(model, run.precision.dtype)
-    return torch.compile(model) if run.recipe.train.compile else model
+    return compiling.compile_model(model, run.recipe) if run.recipe.train.compile else model
 
 
 def score(run: Run, model: nn.Module, data: RunData, dataset: Tokenized) -> dict:
     return evaluate(model, dataset, data.splits.label_names, run.recipe.train.eval_batch_size, run.precision,
-                    run.dist, data.pad_id, data.pad_left)
+                    run.dist, data.pad_id, data.pad_left, buckets=run.recipe.data.pad_buckets)
 
 
 def score_base(run: Run, model: nn.Module, data: RunData, base_sha: str | None,
@@ -254,6 +254,7 @@ def train(run: Run, model: nn.Module, data: RunData, tracker: Tracker, saved: di
             return loop.train(model, optimizer, scheduler, data.train, cfg, run.precision, dist, seed=run.recipe.seed,
                               pad_id=data.pad_id, pad_left=data.pad_left, hooks=hooks, tracker=tracker,
                               checkpoint_every=run.recipe.checkpoint.every, state=state,
+                              buckets=run.recipe.data.pad_buckets,
                               class_weights=None if data.class_weights is None else
                               torch.tensor(data.class_weights, dtype=torch.float32, device=dist.device))
     except loop.StopTraining as e:
@@ -372,7 +373,8 @@ def base_score_key(run: Run, base_sha: str, data: RunData, dataset: Tokenized, a
         return {}
     t = recipe.train
     key = {"base_sha256": base_sha, "eval_set_sha256": eval_set_digest(dataset), "labels": data.splits.label_names,
-           "precision": t.precision, "eval_batch_size": t.eval_batch_size, "attn_implementation": attention,
+           "precision": t.precision, "eval_batch_size": t.eval_batch_size, "pad_buckets": recipe.data.pad_buckets,
+           "attn_implementation": attention,
            "device": dist.device.type, "torch": torch.__version__, "transformers": transformers.__version__}
     if snapshot:
         return {**key, "scored": "base/ as saved"}

@@ -2,6 +2,7 @@
 
 Weights and optimizer state stay fp32 (the master copy); autocast runs matmuls in bf16 or fp16.
 fp16's narrow range needs a GradScaler that skips steps whose gradients overflowed; bf16 does not.
+No step reads a value back to the host (engine/guard.py says how a non-finite step is handled).
 
 `train.precision: auto` picks bf16 only where the hardware computes it natively: a CUDA device
 with bf16 units, or a CPU whose bf16 matmul a short probe measures at least NATIVE_RATIO x fp32.
@@ -142,12 +143,21 @@ class Precision:
         if self.scaler:
             self.scaler.unscale_(optimizer)
 
-    def step(self, optimizer) -> bool:
-        """Apply the update; False when the fp16 scaler skipped it for inf/NaN gradients."""
-        if not self.scaler:
+    def step(self, optimizer, skip: torch.Tensor | None = None) -> None:
+        """Apply the update, reading nothing back. fp16: the scaler skips a step whose gradients
+        overflowed (fused AdamW takes its verdict on the device). Otherwise `skip` (a 0-dim tensor on the
+        device, engine/guard.py; 1.0: leave the weights and the optimizer state as they are) goes to fused
+        AdamW as its found_inf; an optimizer without a fused kernel makes the host read it."""
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        elif skip is None:
             optimizer.step()
-            return True
-        before = self.scaler.get_scale()
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        return self.scaler.get_scale() >= before
+        elif optimizer.defaults.get("fused"):
+            optimizer.found_inf = skip
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+        elif not skip:  # no kernel to hand the flag to: one read a step, where fused AdamW is not offered
+            optimizer.step()

@@ -193,7 +193,7 @@ LAUNCHER_CASES = [
     ("train", [*TRAIN, "--resume", "{tmp}/no_fingerprint"], "not a training checkpoint of this engine"),
     ("train", [*TRAIN, "distributed.strategy=ddp", "distributed.backend=nccl"], "this torch build has no nccl"),
     ("train", [*TRAIN, "data.source={tmp}/" + LONG], "data.source does not exist"),
-    ("evaluate", [], "the following arguments are required: --model, --data"),
+    ("evaluate", [], "the following arguments are required: --model"),
     ("evaluate", [*EVAL, "--batch-size", "0"], "argument --batch-size: must be in 1.."),
     ("evaluate", [*EVAL, "--size", "0"], "argument --size: must be in 1.."),
     ("evaluate", [*EVAL, "--size", "-30"], "argument --size: must be in 1.."),  # scored 3 examples, exit 0

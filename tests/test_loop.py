@@ -1,8 +1,11 @@
+import json
+
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from conftest import faults, run_cli, tiny_overrides
 from engine.finetune import finetune
 from engine.recipe_yaml import load_recipe
 
@@ -31,12 +34,12 @@ def test_fp16_scaler_skips_overflow_steps():
     opt = torch.optim.SGD([p], lr=0.1)
     prec.backward((p * float("inf")).sum())
     prec.unscale(opt)
-    assert prec.step(opt) is False
+    prec.step(opt)
     assert torch.equal(p.detach(), torch.ones(2))  # the overflowing update was not applied
     opt.zero_grad()
     prec.backward(p.sum())
     prec.unscale(opt)
-    assert prec.step(opt) is True
+    prec.step(opt)
     assert not torch.equal(p.detach(), torch.ones(2))
 
 
@@ -78,6 +81,7 @@ def test_training_forward_runs_under_the_recipes_autocast(tiny_bert, name, dtype
     any CPU, native or emulated), while the weights stay the fp32 master copy."""
     from engine.config import TrainConfig
     from engine.distributed import Dist
+    from engine.guard import StepGuard
     from engine.loop import LoopState, train_step
     from engine.optim import build_optimizer, build_schedule
     from engine.precision import Precision
@@ -91,7 +95,7 @@ def test_training_forward_runs_under_the_recipes_autocast(tiny_bert, name, dtype
     assert (prec.scaler is not None) == (name == "fp16")  # bf16's range needs no loss scaling
     state = LoopState()
     train_step(model, opt, build_schedule(opt, cfg, 1), [_batch(4, 0), _batch(4, 1)], params, cfg,
-               prec, Dist(), state, torch.zeros(2, dtype=torch.float64))
+               prec, Dist(), state, torch.zeros(2, dtype=torch.float64), StepGuard(stops=name != "fp16"))
     assert seen == [dtype, dtype]
     # one step taken, counted in the run and in the epoch (where a resume starts), gradients cleared
     assert (state.step, state.step_in_epoch) == (1, 1) and all(p.grad is None for p in params)
@@ -147,6 +151,7 @@ def test_fp16_clips_and_reports_the_true_gradient_norm_not_the_scaled_one(tiny_b
     """The loss scaler multiplies gradients by 65536: they must be unscaled before the norm."""
     from engine.config import TrainConfig
     from engine.distributed import Dist
+    from engine.guard import StepGuard
     from engine.loop import LoopState, train_step
     from engine.optim import build_optimizer, build_schedule
     from engine.precision import Precision
@@ -158,7 +163,7 @@ def test_fp16_clips_and_reports_the_true_gradient_norm_not_the_scaled_one(tiny_b
         norms[name] = float(train_step(model, opt, build_schedule(opt, cfg, 1), [_batch(4, 0)],
                                        [p for p in model.parameters() if p.requires_grad], cfg,
                                        Precision(name, torch.device("cpu")), Dist(), LoopState(),
-                                       torch.zeros(2, dtype=torch.float64)))
+                                       torch.zeros(2, dtype=torch.float64), StepGuard(stops=True)))
     assert norms["fp16"] == pytest.approx(norms["fp32"], rel=0.05)
 
 
@@ -237,30 +242,49 @@ def test_each_epoch_trains_on_a_new_shuffle(tiny_bert, tiny_data, tmp_path, monk
     assert len(set(orders[0])) == 192  # each one every example once
 
 
-def test_a_non_finite_gradient_stops_before_the_weights_change(tiny_bert):
+def test_a_non_finite_gradient_changes_no_weight_and_stops_at_the_next_read(tiny_bert):
+    """The step takes no decision on the host: the update is skipped on the device (weights and AdamW's
+    state as they were), and the read of the next log, eval or checkpoint stops the run naming the step."""
     from engine.config import TrainConfig
     from engine.distributed import Dist
     from engine.errors import StopTraining
+    from engine.guard import StepGuard
     from engine.loop import LoopState, train_step
     from engine.optim import build_optimizer, build_schedule
     from engine.precision import Precision
     model = _tiny_classifier(tiny_bert)
-    with torch.no_grad():
-        model.classifier.bias[0] = float("nan")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = TrainConfig(batch_size=4)
     opt = build_optimizer(model, cfg)
-    with pytest.raises(StopTraining, match="step 1: loss or gradients are not finite"):
-        train_step(model, opt, build_schedule(opt, cfg, 1), [_batch(4, 0)],
-                   [p for p in model.parameters() if p.requires_grad], cfg, Precision("fp32", torch.device("cpu")),
-                   Dist(), LoopState(), torch.zeros(2, dtype=torch.float64))
+    sched, state, guard = build_schedule(opt, cfg, 3), LoopState(), StepGuard(stops=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(seed):
+        return train_step(model, opt, sched, [_batch(4, seed)], params, cfg, Precision("fp32", torch.device("cpu")),
+                          Dist(), state, torch.zeros(2, dtype=torch.float64), guard)
+
+    step(0)  # a good step: AdamW has state now
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in opt.state[model.classifier.weight].items()}
+    with torch.no_grad():
+        model.classifier.bias[0] = float("nan")
+    step(1)
+    with torch.no_grad():
+        model.classifier.bias[0] = before["classifier.bias"][0]
+    step(2)  # finite again: still no update, the run stops at the read with step 1's weights
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, before[k], equal_nan=True, rtol=0, atol=0)
+        assert torch.equal(v, before[k]), k
+    assert all(torch.equal(v, opt.state[model.classifier.weight][k]) for k, v in moments.items())
+    assert guard.read() == (1, 2, pytest.approx(float("nan"), nan_ok=True))
+    books = _books(TrainConfig())
+    books.guard, books.state = guard, state
+    with pytest.raises(StopTraining, match=r"step 2: loss or gradients are not finite .* those of step 1"):
+        books.settle()
 
 
 def test_fp16_counts_exactly_the_steps_its_scaler_skipped(tiny_bert):
     from engine.config import TrainConfig
     from engine.distributed import Dist
+    from engine.guard import StepGuard
     from engine.loop import LoopState, train_step
     from engine.optim import build_optimizer, build_schedule
     from engine.precision import Precision
@@ -270,8 +294,91 @@ def test_fp16_counts_exactly_the_steps_its_scaler_skipped(tiny_bert):
     cfg = TrainConfig(batch_size=4)
     opt = build_optimizer(model, cfg)
     sched, prec, state = build_schedule(opt, cfg, 3), Precision("fp16", torch.device("cpu")), LoopState()
+    guard = StepGuard(stops=False)
     params = [p for p in model.parameters() if p.requires_grad]
     for s in range(3):
         train_step(model, opt, sched, [_batch(4, s)], params, cfg, prec, Dist(), state,
-                   torch.zeros(2, dtype=torch.float64))
+                   torch.zeros(2, dtype=torch.float64), guard)
+    books = _books(TrainConfig())
+    books.guard, books.state = guard, state
+    books.settle()  # fp16 goes on: the skipped steps are counted where the loop reads
     assert (state.step, state.skipped_steps) == (3, 1)
+    books.settle()
+    assert state.skipped_steps == 1  # each skipped step counted once
+
+
+def _tokens(n=64, seed=0):
+    from engine.batching import Tokenized
+    rng = np.random.default_rng(seed)
+    ids = [np.concatenate([[2], rng.integers(5, 30, size=int(rng.integers(2, 20))), [3]]) for _ in range(n)]
+    return Tokenized(ids, np.arange(n) % 2)
+
+
+def _loop_run(tiny_bert, max_steps, poison_step=None, total=8):
+    """loop.train on the tiny model, the schedule sized for `total` steps; the loss of step `poison_step`
+    NaN. Returns (model, optimizer, the StopTraining raised or None)."""
+    from engine.config import TrainConfig
+    from engine.distributed import Dist
+    from engine.errors import StopTraining
+    from engine.loop import Hooks, train
+    from engine.optim import build_optimizer, build_schedule
+    from engine.precision import Precision
+    torch.manual_seed(0)  # two runs start from the same weights
+    model = _tiny_classifier(tiny_bert)
+    calls = []
+
+    def poison(module, inputs, output):
+        calls.append(1)
+        return output * float("nan") if len(calls) == poison_step else output
+
+    model.classifier.register_forward_hook(poison)
+    cfg = TrainConfig(batch_size=4, max_steps=max_steps, log_every=4, lr=1e-3)
+    opt = build_optimizer(model, cfg)
+    sched = build_schedule(opt, TrainConfig(batch_size=4, max_steps=total), total)
+    hooks = Hooks(evaluate=lambda: {"accuracy": 0.5, "f1": 0.5, "loss": 0.7, "ece": 0.0})
+    try:
+        train(model, opt, sched, _tokens(), cfg, Precision("fp32", torch.device("cpu")), Dist(), seed=0, pad_id=0,
+              pad_left=False, hooks=hooks, tracker=_Tracker())
+    except StopTraining as e:
+        return model, opt, e
+    return model, opt, None
+
+
+def test_a_nan_at_step_k_stops_at_the_next_read_with_the_weights_of_step_k_minus_1(tiny_bert):
+    """NaN at step 3, reads every 4 steps: the run goes on to step 4 (no read in between), stops there
+    naming step 3, and holds exactly the weights and AdamW state of a run stopped after step 2."""
+    model, opt, stop = _loop_run(tiny_bert, 8, poison_step=3)
+    assert stop is not None and str(stop).startswith("step 3: loss or gradients are not finite")
+    assert "steps 3-4" in str(stop)
+    ref, ref_opt, none = _loop_run(tiny_bert, 2)
+    assert none is None
+    for (name, a), b in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b), name
+        assert all(torch.equal(opt.state[a][k], ref_opt.state[b][k]) for k in ("step", "exp_avg", "exp_avg_sq")), name
+
+
+def test_a_nan_stops_the_run_at_the_next_log_and_writes_no_metrics(tiny_bert_dropout, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    p = run_cli("launch/train.py", "--recipe", "/dev/null", *tiny_overrides(tiny_bert_dropout, tiny_data, out),
+                "train.log_every=4", "checkpoint.every=5", "checkpoint.keep=3", env=faults(nan_at_step=6))
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]
+    assert "step 6: loss or gradients are not finite" in last and "(1 non-finite step(s) in steps 6-8" in last
+    assert "the last checkpoint is" in last and last.rstrip().endswith("step-5; continue with: --resume auto")
+    assert not (out / "metrics.json").exists() and not (out / "tuned").exists()
+    assert sorted(d.name for d in (out / "checkpoints").iterdir() if d.name.startswith("step-")) == ["step-5"]
+
+
+def test_small_uniform_class_weights_log_the_plain_mean_loss(tiny_bert, tiny_data, tmp_path):
+    """Issue 29 finding 7: the logged loss is the weighted mean, sum of w x loss over sum of w, whatever
+    the weights' size: uniform weights of 0.001 log what an unweighted run logs (not / max(sum w, 1))."""
+    plain = _train(tiny_bert, tiny_data, tmp_path / "plain", "train.max_steps=4")
+    small = _train(tiny_bert, tiny_data, tmp_path / "small", "train.max_steps=4", "train.class_weights=[0.001, 0.001]")
+
+    def logged(out):
+        rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        return [r["train/loss"] for r in rows if "train/loss" in r]
+
+    assert len(logged(tmp_path / "plain")) == 2 and 0.3 < logged(tmp_path / "plain")[0] < 2
+    assert logged(tmp_path / "small") == pytest.approx(logged(tmp_path / "plain"), rel=1e-5)
+    assert small["train"]["final_loss"] == pytest.approx(plain["train"]["final_loss"], rel=1e-5)

@@ -27,9 +27,10 @@ MAY_CHANGE = [k for k, why in RULES.items() if why not in (FIXED, None)]
 # keys whose other value needs another key set first, as the recipe's own rules ask
 SETUP = {"data.holdout_size": ["data.eval_split=null", "data.holdout_size=5"],
          "data.test_size": ["data.test_split=validation"],
-         "train.early_stopping_patience": ["train.keep_best=true"]}
+         "train.early_stopping_patience": ["train.keep_best=true"], "train.compile_mode": ["train.compile=true"]}
 # keys whose type alone gives no other valid value
-OTHER = {"data.encoding": "latin-1", "train.class_weights": "balanced", "distributed.backend": "gloo"}
+OTHER = {"data.encoding": "latin-1", "data.pad_buckets": [256, 512], "train.class_weights": "balanced",
+         "distributed.backend": "gloo"}
 
 
 def sections(schema=Recipe):

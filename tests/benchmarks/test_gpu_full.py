@@ -22,11 +22,18 @@ def test_dry_run_lists_every_step_and_scenario_and_writes_nothing(tmp_path):
     p = gpu_full(tmp_path, "--dry-run", "--out", str(out))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     steps = {line.split()[0] for line in p.stdout.splitlines() if line and not line.startswith(" ")}
-    assert {"prepare", "analysis1", "epochs", "epoch-curve", "limits", "recompiles"} <= steps, p.stdout
+    assert {"prepare", "analysis1", "epochs", "epoch-curve", "limits", "levers", "levers-sync",
+            "recompiles"} <= steps, p.stdout
     scenarios = {line.split()[0] for line in p.stdout.splitlines() if line.startswith("  ")}
     assert {"engine", "trainer-same-levers", "blog-recipe", "engine-10-epochs", "bert-base", "bert-base-compile",
             "bert-base-batch128", "llama1b-lora", "llama1b-trainer-lora", "llama1b-fsdp-full-actckpt",
-            "llama1b-qlora", "bert-base-actckpt"} <= scenarios, p.stdout
+            "llama1b-qlora", "bert-base-actckpt", "levers-plain", "levers-compile", "levers-compile-buckets",
+            "levers-compile-buckets-ro"} <= scenarios, p.stdout
+    # issue 30's levers: the sync-free step's share is the plain row again with the old per-step read put back
+    sync = next(line for line in p.stdout.splitlines() if line.startswith("levers-sync "))
+    assert "BENCH_SYNC_EACH_STEP=1" in sync and "benchmarks/levers" in sync and "--only ^levers-plain$" in sync
+    listed = p.stdout.split(sync)[1].splitlines()
+    assert listed[1].split()[0] == "levers-plain" and not listed[2].startswith("  "), p.stdout
     assert "no material at" in p.stdout and "a real run needs --commit" in p.stdout
     assert not out.exists() and not (tmp_path / "work").exists()
 
@@ -97,3 +104,17 @@ def test_epoch_curve_tables_each_epochs_dev_score_and_marks_the_kept_one(tmp_pat
     assert (tmp_path / "curve" / "epochs.png").read_bytes()[:4] == b"\x89PNG"
     p = run_cli("benchmarks/epoch_curve.py", tmp_path / "nothing", "--out", tmp_path / "c2")
     assert p.returncode == 2 and p.stderr.startswith("error: ") and not (tmp_path / "c2").exists()
+
+
+def test_the_sync_row_reads_back_after_every_optimizer_step_and_only_when_asked(tmp_path):
+    """benchmarks/levers/sitecustomize.py, which the levers-sync step puts on PYTHONPATH: one device-to-host
+    read after each AdamW step with BENCH_SYNC_EACH_STEP=1 (the engine before issue 30), none without.
+    AdamW fused, as the engine builds it: the unfused one reads its step count back itself."""
+    code = ("import torch\nreads = []\nreal = torch.Tensor.item\n"
+            "torch.Tensor.item = lambda t: reads.append(1) or real(t)\n"
+            "p = torch.nn.Parameter(torch.ones(2))\nopt = torch.optim.AdamW([p], fused=True)\n"
+            "for _ in range(3):\n    p.grad = torch.ones(2)\n    opt.step()\nprint(len(reads))")
+    for flag, expected in (("1", "3"), ("0", "0")):
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks" / "levers"), "BENCH_SYNC_EACH_STEP": flag}
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert p.returncode == 0 and p.stdout.strip() == expected, p.stderr[-2000:]
