@@ -23,7 +23,6 @@ from engine.columns import chunks
 from engine.errors import DataError
 from engine.sources import Examples
 
-# --------------------------------------------------------------------------------------------
 # Tokenization, cached
 
 
@@ -110,7 +109,6 @@ def _store_key(examples: Examples, tokenizer, max_length: int, truncation: str, 
     return f"{digest.hexdigest()[:32]}.v{STORE_FORMAT}"
 
 
-# --------------------------------------------------------------------------------------------
 # The token store: <key>.ids (every example's ids, end to end), <key>.offsets.npy (n + 1 int64)
 # and <key>.json (dtype, counts, the offsets' checksum). The header is written last: a store
 # without a header that matches both files was cut short or damaged, and is built again.
@@ -307,7 +305,6 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((body + extra).encode()).hexdigest()
 
 
-# --------------------------------------------------------------------------------------------
 # Batches
 
 
