@@ -18,11 +18,11 @@ import tiny
 from conftest import faults, run_cli, tiny_overrides
 from engine import evaluation
 from engine.batching import Tokenized, pad_width
-from engine.config import load_recipe
 from engine.distributed import Dist
 from engine.errors import RecipeError
 from engine.finetune import finetune
 from engine.precision import Precision
+from engine.recipe_yaml import load_recipe
 
 BUCKETS = [16, 32, 48, 64]
 

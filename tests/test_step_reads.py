@@ -9,8 +9,8 @@ works). The same on two processes: tests/distributed/test_step_reads_distributed
 import pytest
 
 from conftest import tiny_overrides
-from engine.config import load_recipe
 from engine.finetune import finetune
+from engine.recipe_yaml import load_recipe
 from reads import ReadCounter, engine_reads
 
 QUIET = (1, 2, 3, 5, 6, 7)

@@ -48,7 +48,7 @@ def test_compile_graphs_seconds_and_the_whole_clock_rate_reach_the_record_and_re
 def test_cpu_compile_runs_the_main_commands_settings():
     """Eager, compiled and compiled with buckets, on 1 and 2 processes, each 125 steps of 8 examples a
     process, as recipes/demo_minilm_imdb.yaml trains (its one epoch on the README's 2 processes)."""
-    from engine.config import load_recipe
+    from engine.recipe_yaml import load_recipe
     demo = load_recipe(ROOT / "recipes" / "demo_minilm_imdb.yaml")
     m = load_matrix(ROOT / "benchmarks" / "matrices" / "cpu_compile.yaml")
     rows = {s["id"]: s for s in m["scenarios"]}

@@ -8,8 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from engine.config import load_recipe  # noqa: E402
 from engine.finetune import finetune  # noqa: E402
+from engine.recipe_yaml import load_recipe  # noqa: E402
 from reads import ReadCounter  # noqa: E402
 
 counter = ReadCounter()
