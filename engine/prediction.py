@@ -4,7 +4,7 @@ one chunk of rows at a time.
 The scoring is evaluate's own (`evaluation.predict`: length-sorted batches, sharded over ranks and
 gathered back into input order) on the classifier evaluate loads (engine/classifiers.py), cut and
 scored as its run was (engine/run_settings.py) unless a flag says otherwise. The input is read and
-the output written `sources.CHUNK_ROWS` rows at a time, so memory holds one chunk whatever the
+the output written `readers.CHUNK_ROWS` rows at a time, so memory holds one chunk whatever the
 file's size, and the output is a temporary file renamed into place once complete.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from engine import batching, classifiers, distributed, modeling, run_settings, sources
+from engine import batching, classifiers, distributed, modeling, readers, run_settings, sources
 from engine import precision as precision_lib
 from engine.config import DistributedConfig
 from engine.errors import DataError, OutputDirError
@@ -72,7 +72,7 @@ class InputFile:
         return n
 
     def chunks(self) -> Iterator[tuple[list[str], pd.DataFrame | None]]:
-        """(texts, the kept columns or None), at most sources.CHUNK_ROWS rows at a time."""
+        """(texts, the kept columns or None), at most readers.CHUNK_ROWS rows at a time."""
         row = 0
         for frame in self._frames():
             missing = [c for c in (self.column, *self.keep) if c not in frame.columns]
@@ -90,12 +90,12 @@ class InputFile:
 
     def _frames(self) -> Iterator[pd.DataFrame]:
         if self.suffix != ".txt":
-            yield from sources.table_chunks(self.path, self.encoding)
+            yield from readers.table_chunks(self.path, self.encoding)
             return
-        sources.check_encoding(self.path, self.encoding)  # names the line of a bad byte
+        readers.check_encoding(self.path, self.encoding)  # names the line of a bad byte
         # newline="\n": the file object ends lines at "\n" alone, and translates nothing
         with open(self.path, encoding=self.encoding, newline="\n") as fh:
-            while lines := list(itertools.islice(fh, sources.CHUNK_ROWS)):
+            while lines := list(itertools.islice(fh, readers.CHUNK_ROWS)):
                 yield pd.DataFrame({self.column: [line.removesuffix("\n").removesuffix("\r") for line in lines]})
 
 

@@ -12,7 +12,7 @@ import torch
 
 import tiny
 from conftest import run_cli, tiny_overrides
-from engine import sources
+from engine import readers
 from engine.finetune import finetune
 from engine.recipe_yaml import load_recipe
 
@@ -224,7 +224,7 @@ def test_keep_columns_copy_input_columns_so_rows_join_back(lora_run, tiny_data, 
 
 
 def test_the_input_is_read_and_scored_a_chunk_at_a_time(lora_run, tiny_data, tmp_path, monkeypatch):
-    # memory holds one chunk of rows (sources.CHUNK_ROWS), not the file: 7 here, to see it on 33 texts
+    # memory holds one chunk of rows (readers.CHUNK_ROWS), not the file: 7 here, to see it on 33 texts
     from engine import prediction
     texts = pd.read_parquet(f"{tiny_data}/test.parquet")["text"]
     pd.DataFrame({"text": texts}).to_parquet(tmp_path / "in.parquet")
@@ -235,7 +235,7 @@ def test_the_input_is_read_and_scored_a_chunk_at_a_time(lora_run, tiny_data, tmp
     seen, real = [], prediction.predict
     monkeypatch.setattr(prediction, "predict", lambda model, data, *a, **kw: seen.append(len(data)) or
                         real(model, data, *a, **kw))
-    monkeypatch.setattr(sources, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(readers, "CHUNK_ROWS", 7)
     for name in ("in.parquet", "in.txt"):
         seen.clear()
         prediction.label_file(str(lora_run / "tuned"), tmp_path / name, tmp_path / f"{name}.csv", num_threads=1)
